@@ -1,0 +1,42 @@
+"""Turns each decision of every service into a log entry and its projections, in one transaction."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.ledger.log import LogWriter
+from services.ledger.projections import project
+from shared.cloudevents import CloudEvent
+from shared.consumer import Emitter
+from shared.decisions import Decision
+from shared.observability import LEDGER_SIZE
+
+_WRITER = "gputrace.log_writer"
+
+
+class Appender:
+    def __init__(self, origin: str, signing_key: Ed25519PrivateKey) -> None:
+        self.origin = origin
+        self._key = signing_key
+
+    async def on_decision(self, session: AsyncSession, event: CloudEvent, decision: Decision, _: Emitter) -> None:
+        writer = session.info.get(_WRITER)
+        if writer is None:
+            writer = session.info[_WRITER] = await LogWriter.open(session)
+        appended = writer.append(
+            decision.model_dump(mode="json"),
+            service=decision.service,
+            event_type=decision.event_type,
+            status=decision.status,
+            batch_id=decision.batch_id,
+            aggregate_id=decision.aggregate_id,
+            party_id=decision.party_id,
+        )
+        await project(session, decision, appended.leaf_index)
+
+    async def after_batch(self, session: AsyncSession) -> None:
+        writer: LogWriter | None = session.info.pop(_WRITER, None)
+        if writer is not None:
+            await writer.finish(self.origin, self.origin, self._key)
+            LEDGER_SIZE.set(writer.size)

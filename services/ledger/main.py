@@ -1,0 +1,95 @@
+"""The ledger service: consumes every service's decisions into the Merkle log and serves auditors.
+
+One process: a FastAPI app whose lifespan runs the Kafka subscriber (shared mechanism).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.ledger.api import health, router
+from services.ledger.appender import Appender
+from services.ledger.auth import load_tokens
+from services.ledger.log import LOG_TABLES, install_append_only_guards
+from services.ledger.projections import PROJECTION_TABLES
+from shared.contract import SERVICES, decisions_topic
+from shared.observability import configure_logging
+from shared.parties import load_private_key, write_private_key
+from shared.service import Service
+from shared.settings import Settings
+
+SERVICE = "ledger"
+log = logging.getLogger(__name__)
+
+
+def _signing_key(settings: Settings):  # type: ignore[no-untyped-def]
+    path = settings.ledger_signing_key
+    if not path.exists():
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        log.warning("no ledger signing key at %s; generating a development key", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private_key(path, Ed25519PrivateKey.generate())
+    return load_private_key(path)
+
+
+def build_service(settings: Settings | None = None) -> Service:
+    settings = settings or Settings()
+    appender = Appender(settings.ledger_origin, _signing_key(settings))
+    return Service(
+        SERVICE,
+        tables=[*LOG_TABLES, *PROJECTION_TABLES],
+        topics=[decisions_topic(s) for s in SERVICES],
+        internal_handler=appender.on_decision,
+        after_batch=appender.after_batch,
+        settings=settings,
+    )
+
+
+def create_app(settings: Settings | None = None, consume: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    service = build_service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start_dependencies()
+        async with service.engine.begin() as conn:
+            await install_append_only_guards(conn)
+        if consume:
+            await service.broker.start()
+        try:
+            yield
+        finally:
+            if consume:
+                await service.broker.stop()
+            await service.stop_dependencies()
+
+    app = FastAPI(
+        title="gputrace ledger",
+        version="1.0.0",
+        description="The tamper-evident record of the national GPU programme, for auditors.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.sessions = service.sessions
+    app.state.tokens = load_tokens(settings.api_tokens)
+    app.state.service = service
+    app.include_router(router)
+    app.include_router(health)
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Read models the ledger keeps beside its log, updated in the same transaction as each append.
+
+They are derived data: every number here can be recomputed from the log's entries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlmodel import Field, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from shared.decisions import Decision
+
+
+class PledgeView(SQLModel, table=True):
+    __tablename__ = "view_pledges"
+
+    pledge_id: str = Field(primary_key=True, max_length=200)
+    partner_id: str = Field(index=True, max_length=200)
+    version: int
+    state: str
+    leaf_index: int = Field(description="The ledger entry of the latest decision on this pledge")
+
+
+PROJECTION_TABLES = [PledgeView.__table__]
+
+
+async def project(session: AsyncSession, decision: Decision, leaf_index: int) -> None:
+    if decision.status != "accepted":
+        return
+    pledge = decision.facts.get("pledge")
+    if decision.service == "pledges" and isinstance(pledge, dict):
+        await _project_pledge(session, pledge, leaf_index)
+
+
+async def _project_pledge(session: AsyncSession, pledge: dict[str, Any], leaf_index: int) -> None:
+    view = await session.get(PledgeView, pledge["pledge_id"])
+    if view is None:
+        session.add(
+            PledgeView(
+                pledge_id=pledge["pledge_id"],
+                partner_id=pledge["partner_id"],
+                version=pledge["version"],
+                state=json.dumps(pledge),
+                leaf_index=leaf_index,
+            )
+        )
+    elif pledge["version"] > view.version:
+        # Versions, not arrival order, decide: the view never goes back in time.
+        view.version = pledge["version"]
+        view.state = json.dumps(pledge)
+        view.leaf_index = leaf_index
+        session.add(view)
+
+
+def _add(totals: dict[str, Decimal], money: dict[str, str] | None) -> None:
+    if money:
+        totals[money["currency"]] += Decimal(money["amount"])
+
+
+async def program_summary(session: AsyncSession, target_gpus: int) -> dict[str, Any]:
+    """Pledged capital, in-kind GPUs, capacity and disbursements, overall and by partner."""
+    rows = (await session.execute(select(PledgeView))).scalars().all()
+    overall = _Totals()
+    by_partner: dict[str, _Totals] = defaultdict(_Totals)
+    for row in rows:
+        p = json.loads(row.state)
+        for t in (overall, by_partner[p["partner_id"]]):
+            t.add(p)
+    return {
+        "target_gpus": target_gpus,
+        **overall.as_dict(),
+        "progress": {
+            "gpus_pledged": overall.gpu_total,
+            "fraction_of_target": round(overall.gpu_total / target_gpus, 4) if target_gpus else None,
+        },
+        "by_partner": {k: v.as_dict() for k, v in sorted(by_partner.items())},
+    }
+
+
+class _Totals:
+    def __init__(self) -> None:
+        self.capital: dict[str, Decimal] = defaultdict(Decimal)
+        self.disbursed: dict[str, Decimal] = defaultdict(Decimal)
+        self.gpus: dict[str, int] = defaultdict(int)
+        self.gpu_hours = 0
+        self.pledges = 0
+        self.withdrawn = 0
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpus.values())
+
+    def add(self, p: dict[str, Any]) -> None:
+        # Money already disbursed counts even if the rest of the pledge was withdrawn.
+        _add(self.disbursed, p.get("disbursed"))
+        if p["status"] == "withdrawn":
+            self.withdrawn += 1
+            return
+        self.pledges += 1
+        _add(self.capital, p.get("capital"))
+        if p.get("gpus"):
+            self.gpus[p["gpus"]["model"]] += int(p["gpus"]["quantity"])
+        if p.get("capacity"):
+            self.gpu_hours += int(p["capacity"]["gpu_hours"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pledges": self.pledges,
+            "withdrawn": self.withdrawn,
+            "capital": {c: str(a) for c, a in sorted(self.capital.items())},
+            "disbursed": {c: str(a) for c, a in sorted(self.disbursed.items())},
+            "gpus": dict(sorted(self.gpus.items())),
+            "gpus_total": self.gpu_total,
+            "capacity_gpu_hours": self.gpu_hours,
+        }

@@ -1,0 +1,3 @@
+from services.pledges.main import main
+
+main()

@@ -1,0 +1,79 @@
+"""The pledges service: partners' commitments of capital, GPUs and capacity (design.md §5).
+
+Reads `partner.pledges.v1`; every decision goes to its canonical topic and each partner's
+outcome to `gputrace.outcomes.v1`, through the shared mechanism.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from sqlmodel import Field, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.pledges import domain
+from shared.consumer import Inbound
+from shared.contract import PLEDGES_TOPIC, event_type
+from shared.decisions import Accepted, Rejected, Verdict
+from shared.service import Service
+
+SERVICE = "pledges"
+
+
+class PledgeRow(SQLModel, table=True):
+    __tablename__ = "pledges"
+
+    pledge_id: str = Field(primary_key=True, max_length=200)
+    partner_id: str = Field(index=True, max_length=200)
+    state: str = Field(description="JSON snapshot of the pledge (domain.Pledge.snapshot)")
+
+
+async def _load(session: AsyncSession, pledge_id: str) -> domain.Pledge | None:
+    row = await session.get(PledgeRow, pledge_id)
+    return domain.Pledge.from_snapshot(json.loads(row.state)) if row else None
+
+
+async def _save(session: AsyncSession, pledge: domain.Pledge) -> None:
+    row = await session.get(PledgeRow, pledge.pledge_id)
+    state = json.dumps(pledge.snapshot())
+    if row is None:
+        session.add(PledgeRow(pledge_id=pledge.pledge_id, partner_id=pledge.partner_id, state=state))
+    else:
+        row.state = state
+        session.add(row)
+
+
+def _handler(rule: Callable[[domain.Pledge | None, object], domain.Pledge], verb: str):  # type: ignore[no-untyped-def]
+    async def handle(session: AsyncSession, inbound: Inbound) -> Verdict:
+        pledge_id = inbound.aggregate_id
+        try:
+            pledge = rule(await _load(session, pledge_id), inbound.data)
+        except domain.RuleBroken as broken:
+            return Rejected(reason_code=broken.code, message=broken.message)
+        await _save(session, pledge)
+        return Accepted(message=f"pledge {pledge_id} {verb}", facts={"pledge": pledge.snapshot()})
+
+    return handle
+
+
+HANDLERS = {
+    event_type("pledge.committed.v1"): _handler(domain.commit, "committed"),  # type: ignore[arg-type]
+    event_type("pledge.amended.v1"): _handler(domain.amend, "amended"),  # type: ignore[arg-type]
+    event_type("pledge.withdrawn.v1"): _handler(domain.withdraw, "withdrawn"),  # type: ignore[arg-type]
+    event_type("pledge.disbursed.v1"): _handler(domain.disburse, "disbursement recorded"),  # type: ignore[arg-type]
+}
+
+
+def build() -> Service:
+    return Service(SERVICE, tables=[PledgeRow.__table__], topics=[PLEDGES_TOPIC], partner_handlers=HANDLERS)  # type: ignore[list-item]
+
+
+def main() -> None:
+    import asyncio
+
+    asyncio.run(build().app().run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""One SQLModel engine per service, and the tables of the delivery mechanism every service shares.
+
+PostgreSQL when DATABASE_URL is given; a SQLite file otherwise (the embedded default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import Column, LargeBinary, Table, event
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel import Field, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ProcessedMessage(SQLModel, table=True):
+    """Idempotent consumer: one row per event already decided, written with its effects."""
+
+    __tablename__ = "processed_messages"
+
+    source: str = Field(primary_key=True, max_length=300)
+    event_id: str = Field(primary_key=True, max_length=300)
+    decision_id: str | None = Field(default=None, max_length=64)
+    processed_at: datetime = Field(default_factory=utcnow)
+
+
+class OutboxMessage(SQLModel, table=True):
+    """Transactional outbox: records to publish, written in the same transaction as the state."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    topic: str = Field(max_length=200)
+    key: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    value: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    headers: str = Field(default="[]", description="JSON list of [name, value] pairs")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+MECHANISM_TABLES: list[Table] = [ProcessedMessage.__table__, OutboxMessage.__table__]  # type: ignore[list-item]
+
+
+def make_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            # WAL lets the API read while the consumer writes; foreign keys are off by default.
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+async def create_tables(engine: AsyncEngine, tables: Sequence[Table]) -> None:
+    """Create this service's tables (and only those: each service has its own database)."""
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda sync: SQLModel.metadata.create_all(sync, tables=[*MECHANISM_TABLES, *tables]))
+
+
+def is_postgres(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "postgresql"

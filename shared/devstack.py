@@ -1,0 +1,112 @@
+"""Runs the services as separate processes on one machine: `make run` and the tests use it.
+
+Each service is its own OS process with its own database and consumer group, exactly as in
+production; this module only starts, watches, kills and restarts them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+SERVICES = ("pledges", "quotes", "export_controls", "deliveries", "ledger")
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks, no flush; what a crash looks like."""
+        if self.proc and self.running:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc and self.running:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@dataclass
+class Stack:
+    """The set of service processes sharing one Kafka and one database server (or SQLite)."""
+
+    base_env: dict[str, str]
+    log_dir: Path
+    database_urls: dict[str, str] = field(default_factory=dict)
+    api_port: int = 8000
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def env_for(self, name: str) -> dict[str, str]:
+        env = {**os.environ, **self.base_env}
+        env.pop("DATABASE_URL", None)
+        if name in self.database_urls:
+            env["DATABASE_URL"] = self.database_urls[name]
+        if name == "ledger":
+            env["API_PORT"] = str(self.api_port)
+        return env
+
+    def start(self, names: tuple[str, ...] = SERVICES) -> None:
+        for name in names:
+            p = ServiceProcess(name, self.env_for(name), self.log_dir / f"{name}.log")
+            p.start()
+            self.processes[name] = p
+
+    def stop(self) -> None:
+        for p in reversed(list(self.processes.values())):
+            p.stop()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """The ledger answers HTTP once its subscriber has started; the others fail fast if broken."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.processes.items() if not p.running]
+            if dead:
+                tails = {n: self.processes[n].log_path.read_text()[-2000:] for n in dead}
+                raise RuntimeError(f"service(s) exited: {dead}\n{tails}")
+            if "ledger" not in self.processes:
+                return
+            try:
+                if httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("services not ready in time")

@@ -1,0 +1,132 @@
+"""The composition root of a gputrace service: settings, database, broker, subscriber, outbox relay.
+
+A service says which topics it reads and which handlers decide; this module wires the one
+mechanism (shared.consumer + shared.outbox) around them. Services never import each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from faststream import AckPolicy, FastStream
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from sqlalchemy import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.consumer import BatchHook, BatchProcessor, InternalHandler, PartnerHandler, retry_pause
+from shared.db import create_tables, make_engine, session_factory
+from shared.observability import HANDLER_SECONDS, configure_logging
+from shared.outbox import OutboxRelay
+from shared.parties import PartyRegistry
+from shared.settings import Settings
+from shared.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+def _safe_headers(record: ConsumerRecord) -> ConsumerRecord:
+    headers = []
+    for k, v in record.headers:
+        try:
+            (v or b"").decode()
+            headers.append((k, v or b""))
+        except UnicodeDecodeError:
+            headers.append((k, b""))
+    return dataclasses.replace(record, headers=headers)
+
+
+async def _parser(records: Any, original: Any) -> Any:
+    """FastStream's parser decodes headers as UTF-8 and raises on bad bytes, which would stall the
+    partition; parse sanitised copies, but hand the handler the original records."""
+    batch = records if isinstance(records, tuple) else (records,)
+    message = await original(tuple(_safe_headers(r) for r in batch))
+    message.raw_message = batch
+    return message
+
+
+async def _decoder(message: Any, original: Any) -> None:
+    # The handler reads the raw records; FastStream's JSON decoding would raise on bad input.
+    return None
+
+
+class Service:
+    def __init__(
+        self,
+        name: str,
+        *,
+        tables: Sequence[Table],
+        topics: Sequence[str],
+        partner_handlers: dict[str, PartnerHandler] | None = None,
+        internal_handler: InternalHandler | None = None,
+        after_batch: BatchHook | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings or Settings()
+        self.engine: AsyncEngine = make_engine(self.settings.sqlalchemy_url(name))
+        self.sessions = session_factory(self.engine)
+        self.tables = list(tables)
+        self.topics = list(topics)
+        registry = PartyRegistry.load(self.settings.party_registry) if partner_handlers else None
+        self.processor = BatchProcessor(
+            name,
+            self.sessions,
+            registry=registry,
+            partner_handlers=partner_handlers,
+            internal_handler=internal_handler,
+            after_batch=after_batch,
+        )
+        self.broker = KafkaBroker(self.settings.kafka_bootstrap_servers, client_id=f"gputrace-{name}")
+        self.relay = OutboxRelay(
+            name, self.engine, self.sessions, self.settings.kafka_bootstrap_servers, self.settings.outbox_poll_seconds
+        )
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        processor, relay = self.processor, self.relay
+
+        @self.broker.subscriber(
+            *self.topics,
+            group_id=f"{self.settings.consumer_group_prefix}-{self.name}",
+            batch=True,
+            max_records=self.settings.batch_max_records,
+            batch_timeout_ms=self.settings.batch_timeout_ms,
+            auto_offset_reset="earliest",
+            # Offsets are committed after the handler returned, i.e. after the database commit;
+            # on an exception the consumer seeks back and the batch comes again.
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            parser=_parser,
+            decoder=_decoder,
+        )
+        async def on_batch(body: Any, message: KafkaMessage) -> None:
+            started = time.monotonic()
+            try:
+                with HANDLER_SECONDS.labels(self.name).time():
+                    await processor.process(message.raw_message)
+            except Exception:
+                log.exception("batch failed; it will be redelivered")
+                await retry_pause(started)
+                raise
+            relay.wake()
+
+    async def start_dependencies(self) -> None:
+        await ensure_topics(self.settings.kafka_bootstrap_servers)
+        await create_tables(self.engine, self.tables)
+        await self.relay.start()
+
+    async def stop_dependencies(self) -> None:
+        await self.relay.stop()
+        await self.engine.dispose()
+
+    def app(self) -> FastStream:
+        configure_logging(self.settings.log_level, self.settings.log_json)
+        app = FastStream(self.broker)
+        app.on_startup(self.start_dependencies)
+        app.after_shutdown(self.stop_dependencies)
+        return app

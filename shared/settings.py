@@ -1,0 +1,60 @@
+"""Settings from the environment (pydantic-settings); one class for every service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_VAR_DIR = Path("var")
+
+
+class Settings(BaseSettings):
+    """Every setting a gputrace process reads. Names are the environment variables."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of this service's own database (postgresql://...). "
+        "Unset: a SQLite file under VAR_DIR (the embedded default).",
+    )
+    var_dir: Path = Field(DEFAULT_VAR_DIR, description="Where embedded databases, keys and state live.")
+    party_registry: Path = Field(
+        DEFAULT_VAR_DIR / "keys" / "registry.json", description="JSON registry of parties and public keys."
+    )
+    consumer_group_prefix: str = Field("gputrace", description="Consumer groups are <prefix>-<service>.")
+    batch_max_records: int = Field(500, description="Most records handled in one database transaction.")
+    batch_timeout_ms: int = Field(100, description="How long a poll waits to fill a batch.")
+    outbox_poll_seconds: float = Field(0.5, description="Outbox relay poll interval (it is also woken on commit).")
+    log_level: str = Field("INFO", description="Python log level.")
+    log_json: bool = Field(True, description="Structured JSON logs (false: plain text).")
+
+    # Ledger.
+    ledger_origin: str = Field("gputrace.example/ledger", description="Checkpoint origin line of the log.")
+    ledger_signing_key: Path = Field(
+        DEFAULT_VAR_DIR / "keys" / "ledger.key", description="Ed25519 PEM key the ledger signs checkpoints with."
+    )
+    api_host: str = Field("127.0.0.1", description="Ledger API bind address.")
+    api_port: int = Field(8000, description="Ledger API port.")
+    api_tokens: Path = Field(
+        DEFAULT_VAR_DIR / "keys" / "tokens.json", description="Bearer tokens of the ledger API and their roles."
+    )
+    program_target_gpus: int = Field(10_000, description="The programme's GPU target.")
+
+    # Metrics.
+    metrics_port: int | None = Field(None, description="Port of the Prometheus /metrics endpoint (unset: off).")
+
+    def sqlalchemy_url(self, service: str) -> str:
+        if not self.database_url:
+            path = self.var_dir / "data" / f"{service}.db"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return f"sqlite+aiosqlite:///{path}"
+        url = self.database_url
+        # Accept the plain libpq form ops usually have; we speak psycopg 3.
+        for plain in ("postgresql://", "postgres://"):
+            if url.startswith(plain):
+                return "postgresql+psycopg://" + url[len(plain) :]
+        return url
