@@ -162,9 +162,11 @@ class BatchProcessor:
         registry: PartyRegistry | None = None,
         partner_handlers: dict[str, PartnerHandler] | None = None,
         internal_handler: InternalHandler | None = None,
+        internal_topics: Sequence[str] = (),
         after_batch: BatchHook | None = None,
     ) -> None:
         self.service = service
+        self._internal_topics = frozenset(internal_topics)
         self._sessions = sessions
         self._registry = registry
         self._partner_handlers = partner_handlers or {}
@@ -187,7 +189,8 @@ class BatchProcessor:
             return
         try:
             async with session.begin_nested():
-                if self._internal_handler is not None and event.source.startswith("urn:gputrace:service:"):
+                # Routed by topic, never by the claimed source: only services write decision topics.
+                if record.topic in self._internal_topics:
                     await self._internal(session, event)
                 else:
                     await self._partner(session, record, event)
@@ -322,7 +325,8 @@ class BatchProcessor:
     # --- decisions of other services ------------------------------------------------------
 
     async def _internal(self, session: AsyncSession, event: CloudEvent) -> None:
-        assert self._internal_handler is not None
+        if self._internal_handler is None:
+            raise RuntimeError(f"{self.service} reads {event.type} from a decision topic but has no internal handler")
         if await self._seen(session, event.source, event.id):
             return
         decision = Decision.model_validate(event.data)

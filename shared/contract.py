@@ -30,6 +30,7 @@ def decisions_topic(service: str) -> str:
 
 
 SERVICES = ("pledges", "quotes", "export_controls", "deliveries")
+DECISION_TOPICS = frozenset(decisions_topic(s) for s in SERVICES)
 
 # Partition counts are declared here and created by the project (auto-creation is off).
 TOPIC_PARTITIONS: dict[str, int] = {

@@ -20,6 +20,7 @@ from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.consumer import BatchHook, BatchProcessor, InternalHandler, PartnerHandler, retry_pause
+from shared.contract import DECISION_TOPICS
 from shared.db import create_tables, make_engine, session_factory
 from shared.observability import HANDLER_SECONDS, configure_logging
 from shared.outbox import OutboxRelay
@@ -80,6 +81,7 @@ class Service:
             registry=registry,
             partner_handlers=partner_handlers,
             internal_handler=internal_handler,
+            internal_topics=[t for t in self.topics if t in DECISION_TOPICS],
             after_batch=after_batch,
         )
         self.broker = KafkaBroker(self.settings.kafka_bootstrap_servers, client_id=f"gputrace-{name}")
