@@ -1,0 +1,3 @@
+from services.deliveries.main import main
+
+main()
