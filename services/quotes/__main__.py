@@ -1,0 +1,3 @@
+from services.quotes.main import main
+
+main()

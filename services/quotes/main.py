@@ -1,0 +1,289 @@
+"""The quotes service: batch requests, vendor quotes and awards against earmarked funding
+(design.md §5).
+
+Reads `partner.procurement.v1` (partner events) and the pledges service's decisions (to know the
+capital earmarked per batch); every decision goes to its canonical topic and each partner's
+outcome to `gputrace.outcomes.v1`, through the shared mechanism. The rules are in domain.py;
+handlers here load, call a rule, save.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlmodel import Field, SQLModel, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.quotes import domain
+from shared.cloudevents import CloudEvent
+from shared.consumer import Emitter, Inbound
+from shared.contract import (
+    PROCUREMENT_TOPIC,
+    BatchRequested,
+    QuoteAwarded,
+    QuoteSubmitted,
+    QuoteWithdrawn,
+    decisions_topic,
+    event_type,
+)
+from shared.decisions import Accepted, Decision, Rejected, Verdict
+from shared.facts import AWARD, BATCH, PLEDGE
+from shared.service import Service
+
+SERVICE = "quotes"
+
+# Batch ids are at most 200 characters (contract NonEmpty); a pledge's earmark_batch_id is not
+# bounded by the contract, and a longer one can name no batch, so it is stored as no earmark
+# rather than failing the column.
+BATCH_ID_MAX = 200
+
+
+# Table names carry the service's name: every service's tables share SQLModel's one metadata
+# when several services are imported in one process (tests, tools).
+
+
+class BatchRow(SQLModel, table=True):
+    __tablename__ = "quotes_batches"
+
+    batch_id: str = Field(primary_key=True, max_length=200)
+    program_id: str = Field(index=True, max_length=200)
+    status: str = Field(max_length=20)
+    state: str = Field(description="JSON snapshot of the batch (domain.Batch.snapshot)")
+
+
+class QuoteRow(SQLModel, table=True):
+    __tablename__ = "quotes_quotes"
+
+    quote_id: str = Field(primary_key=True, max_length=200)
+    batch_id: str = Field(index=True, max_length=200)
+    vendor_id: str = Field(index=True, max_length=200)
+    status: str = Field(max_length=20)
+    state: str = Field(description="JSON snapshot of the quote (domain.Quote.snapshot)")
+
+
+class EarmarkRow(SQLModel, table=True):
+    """The latest known version of each pledge, as far as funding batches goes."""
+
+    __tablename__ = "quotes_earmarks"
+
+    pledge_id: str = Field(primary_key=True, max_length=200)
+    partner_id: str = Field(max_length=200)
+    version: int
+    kind: str = Field(max_length=20)
+    status: str = Field(max_length=20)
+    earmark_batch_id: str | None = Field(default=None, index=True, max_length=BATCH_ID_MAX)
+    # Decimal string, never a float; None for pledges that are not capital.
+    amount: str | None = None
+    currency: str | None = Field(default=None, max_length=3)
+
+
+TABLES = [BatchRow.__table__, QuoteRow.__table__, EarmarkRow.__table__]
+
+
+# --- persistence --------------------------------------------------------------------------
+
+
+async def _batch(session: AsyncSession, batch_id: str) -> domain.Batch | None:
+    row = await session.get(BatchRow, batch_id)
+    return domain.Batch.from_snapshot(json.loads(row.state)) if row else None
+
+
+async def _save_batch(session: AsyncSession, batch: domain.Batch) -> None:
+    row = await session.get(BatchRow, batch.batch_id)
+    state = json.dumps(batch.snapshot())
+    if row is None:
+        row = BatchRow(batch_id=batch.batch_id, program_id=batch.program_id, status=batch.status, state=state)
+    else:
+        row.status, row.state = batch.status, state
+    session.add(row)
+
+
+async def _quote(session: AsyncSession, quote_id: str) -> domain.Quote | None:
+    row = await session.get(QuoteRow, quote_id)
+    return domain.Quote.from_snapshot(json.loads(row.state)) if row else None
+
+
+async def _quotes_of(session: AsyncSession, batch_id: str) -> list[domain.Quote]:
+    rows = (await session.exec(select(QuoteRow).where(QuoteRow.batch_id == batch_id))).all()
+    return [domain.Quote.from_snapshot(json.loads(r.state)) for r in rows]
+
+
+async def _save_quote(session: AsyncSession, quote: domain.Quote) -> None:
+    row = await session.get(QuoteRow, quote.quote_id)
+    state = json.dumps(quote.snapshot())
+    if row is None:
+        row = QuoteRow(
+            quote_id=quote.quote_id,
+            batch_id=quote.batch_id,
+            vendor_id=quote.vendor_id,
+            status=quote.status,
+            state=state,
+        )
+    else:
+        row.status, row.state = quote.status, state
+    session.add(row)
+
+
+def _earmark(row: EarmarkRow) -> domain.Earmark:
+    capital = {"amount": row.amount, "currency": row.currency} if row.amount is not None else None
+    return domain.Earmark.from_pledge(
+        {
+            "pledge_id": row.pledge_id,
+            "partner_id": row.partner_id,
+            "version": row.version,
+            "kind": row.kind,
+            "status": row.status,
+            "earmark_batch_id": row.earmark_batch_id,
+            "capital": capital,
+        }
+    )
+
+
+async def _earmarks_for(session: AsyncSession, batch_id: str) -> list[domain.Earmark]:
+    rows = (await session.exec(select(EarmarkRow).where(EarmarkRow.earmark_batch_id == batch_id))).all()
+    return [_earmark(r) for r in rows]
+
+
+async def _save_earmark(session: AsyncSession, m: domain.Earmark) -> None:
+    row = await session.get(EarmarkRow, m.pledge_id) or EarmarkRow(
+        pledge_id=m.pledge_id, partner_id=m.partner_id, version=m.version, kind=m.kind, status=m.status
+    )
+    row.partner_id, row.version, row.kind, row.status = m.partner_id, m.version, m.kind, m.status
+    row.earmark_batch_id = m.batch_id if m.batch_id is None or len(m.batch_id) <= BATCH_ID_MAX else None
+    row.amount = str(domain.plain(m.capital.amount)) if m.capital else None
+    row.currency = m.capital.currency if m.capital else None
+    session.add(row)
+
+
+def _batch_facts(batch: domain.Batch, quotes: list[domain.Quote]) -> dict[str, Any]:
+    return batch.facts(domain.open_quotes(quotes)).model_dump(mode="json")
+
+
+def _replace(quotes: list[domain.Quote], *changed: domain.Quote) -> list[domain.Quote]:
+    """The batch's quotes after `changed` are applied (added or replacing the same quote_id)."""
+    by_id = {q.quote_id: q for q in quotes}
+    by_id.update({q.quote_id: q for q in changed})
+    return list(by_id.values())
+
+
+def _refused(broken: domain.RuleBroken) -> Rejected:
+    return Rejected(reason_code=broken.code, message=broken.message, facts=broken.facts, anomalies=broken.anomalies)
+
+
+# --- partner handlers ---------------------------------------------------------------------
+
+
+async def on_batch_requested(session: AsyncSession, inbound: Inbound) -> Verdict:
+    e = inbound.data
+    assert isinstance(e, BatchRequested)
+    try:
+        batch = domain.request_batch(await _batch(session, e.batch_id), e)
+    except domain.RuleBroken as broken:
+        return _refused(broken)
+    await _save_batch(session, batch)
+    return Accepted(message=f"batch {batch.batch_id} requested", facts={BATCH: _batch_facts(batch, [])})
+
+
+async def on_quote_submitted(session: AsyncSession, inbound: Inbound) -> Verdict:
+    e = inbound.data
+    assert isinstance(e, QuoteSubmitted)
+    batch = await _batch(session, e.batch_id)
+    try:
+        quote = domain.submit_quote(batch, await _quote(session, e.quote_id), e)
+    except domain.RuleBroken as broken:
+        return _refused(broken)
+    assert batch is not None
+    quotes = _replace(await _quotes_of(session, batch.batch_id), quote)
+    await _save_quote(session, quote)
+    return Accepted(
+        message=f"quote {quote.quote_id} submitted for batch {batch.batch_id}",
+        facts={BATCH: _batch_facts(batch, quotes), "quote": quote.facts()},
+    )
+
+
+async def on_quote_withdrawn(session: AsyncSession, inbound: Inbound) -> Verdict:
+    e = inbound.data
+    assert isinstance(e, QuoteWithdrawn)
+    try:
+        quote = domain.withdraw_quote(await _quote(session, e.quote_id), e)
+    except domain.RuleBroken as broken:
+        return _refused(broken)
+    batch = await _batch(session, quote.batch_id)
+    assert batch is not None  # a quote is only ever stored for an existing batch
+    quotes = _replace(await _quotes_of(session, batch.batch_id), quote)
+    await _save_quote(session, quote)
+    return Accepted(
+        message=f"quote {quote.quote_id} withdrawn",
+        facts={BATCH: _batch_facts(batch, quotes), "quote": quote.facts()},
+    )
+
+
+async def on_quote_awarded(session: AsyncSession, inbound: Inbound) -> Verdict:
+    e = inbound.data
+    assert isinstance(e, QuoteAwarded)
+    batch = await _batch(session, e.batch_id)
+    batch_quotes = await _quotes_of(session, e.batch_id) if batch else []
+    try:
+        result = domain.award(
+            batch, await _quote(session, e.quote_id), batch_quotes, await _earmarks_for(session, e.batch_id), e
+        )
+    except domain.RuleBroken as broken:
+        return _refused(broken)
+    await _save_batch(session, result.batch)
+    for quote in (result.quote, *result.not_awarded):
+        await _save_quote(session, quote)
+    quotes = _replace(batch_quotes, result.quote, *result.not_awarded)
+    return Accepted(
+        message=f"batch {result.batch.batch_id} awarded to quote {result.quote.quote_id} of {result.quote.vendor_id}",
+        facts={
+            AWARD: result.facts.model_dump(mode="json"),
+            BATCH: _batch_facts(result.batch, quotes),
+            "quote": result.quote.facts(),
+            "not_awarded": [q.quote_id for q in result.not_awarded],
+        },
+    )
+
+
+HANDLERS = {
+    event_type("batch.requested.v1"): on_batch_requested,
+    event_type("quote.submitted.v1"): on_quote_submitted,
+    event_type("quote.withdrawn.v1"): on_quote_withdrawn,
+    event_type("quote.awarded.v1"): on_quote_awarded,
+}
+
+
+# --- decisions of other services ----------------------------------------------------------
+
+
+async def on_decision(session: AsyncSession, event: CloudEvent, decision: Decision, emitter: Emitter) -> None:
+    """Keeps the earmark of each pledge from the pledges service's accepted decisions. Nothing
+    here is a decision of ours, so nothing is emitted."""
+    pledge = decision.facts.get(PLEDGE)
+    if decision.service != "pledges" or decision.status != "accepted" or not isinstance(pledge, dict):
+        return
+    incoming = domain.Earmark.from_pledge(pledge)
+    row = await session.get(EarmarkRow, incoming.pledge_id)
+    kept = domain.track_pledge(_earmark(row) if row else None, incoming)
+    if kept is not None:
+        await _save_earmark(session, kept)
+
+
+def build() -> Service:
+    return Service(
+        SERVICE,
+        tables=TABLES,  # type: ignore[arg-type]
+        topics=[PROCUREMENT_TOPIC, decisions_topic("pledges")],
+        partner_handlers=HANDLERS,
+        internal_handler=on_decision,
+    )
+
+
+def main() -> None:
+    import asyncio
+
+    asyncio.run(build().app().run())
+
+
+if __name__ == "__main__":
+    main()
