@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     )
     program_target_gpus: int = Field(10_000, description="The programme's GPU target.")
 
+    # Export controls.
+    export_ruleset: str | None = Field(
+        None, description="Pin one export rule-set version (e.g. for a re-run); unset: chosen by the shipment date."
+    )
+
     # Metrics.
     metrics_port: int | None = Field(None, description="Port of the Prometheus /metrics endpoint (unset: off).")
 

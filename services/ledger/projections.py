@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.ledger.batches import BATCH_TABLES, BatchParty, project_batch
 from shared.decisions import Decision
 
 
@@ -22,20 +23,24 @@ class PledgeView(SQLModel, table=True):
 
     pledge_id: str = Field(primary_key=True, max_length=200)
     partner_id: str = Field(index=True, max_length=200)
+    program_id: str = Field(index=True, max_length=200)
+    earmark_batch_id: str | None = Field(default=None, index=True, max_length=500)
     version: int
     state: str
     leaf_index: int = Field(description="The ledger entry of the latest decision on this pledge")
 
 
-PROJECTION_TABLES = [PledgeView.__table__]
+PROJECTION_TABLES = [PledgeView.__table__, *BATCH_TABLES]
 
 
 async def project(session: AsyncSession, decision: Decision, leaf_index: int) -> None:
-    if decision.status != "accepted":
-        return
+    await project_batch(session, decision, leaf_index)
     pledge = decision.facts.get("pledge")
-    if decision.service == "pledges" and isinstance(pledge, dict):
+    if decision.status == "accepted" and decision.service == "pledges" and isinstance(pledge, dict):
         await _project_pledge(session, pledge, leaf_index)
+        batch = pledge.get("earmark_batch_id")
+        if batch and await session.get(BatchParty, (batch, pledge["partner_id"])) is None:
+            session.add(BatchParty(batch_id=batch, party_id=pledge["partner_id"]))
 
 
 async def _project_pledge(session: AsyncSession, pledge: dict[str, Any], leaf_index: int) -> None:
@@ -45,6 +50,8 @@ async def _project_pledge(session: AsyncSession, pledge: dict[str, Any], leaf_in
             PledgeView(
                 pledge_id=pledge["pledge_id"],
                 partner_id=pledge["partner_id"],
+                program_id=pledge["program_id"],
+                earmark_batch_id=pledge.get("earmark_batch_id"),
                 version=pledge["version"],
                 state=json.dumps(pledge),
                 leaf_index=leaf_index,
@@ -53,6 +60,7 @@ async def _project_pledge(session: AsyncSession, pledge: dict[str, Any], leaf_in
     elif pledge["version"] > view.version:
         # Versions, not arrival order, decide: the view never goes back in time.
         view.version = pledge["version"]
+        view.earmark_batch_id = pledge.get("earmark_batch_id")
         view.state = json.dumps(pledge)
         view.leaf_index = leaf_index
         session.add(view)
@@ -63,9 +71,12 @@ def _add(totals: dict[str, Decimal], money: dict[str, str] | None) -> None:
         totals[money["currency"]] += Decimal(money["amount"])
 
 
-async def program_summary(session: AsyncSession, target_gpus: int) -> dict[str, Any]:
+async def program_summary(session: AsyncSession, target_gpus: int, program_id: str | None = None) -> dict[str, Any]:
     """Pledged capital, in-kind GPUs, capacity and disbursements, overall and by partner."""
-    rows = (await session.execute(select(PledgeView))).scalars().all()
+    query = select(PledgeView)
+    if program_id is not None:
+        query = query.where(PledgeView.program_id == program_id)
+    rows = (await session.execute(query)).scalars().all()
     overall = _Totals()
     by_partner: dict[str, _Totals] = defaultdict(_Totals)
     for row in rows:
@@ -73,6 +84,7 @@ async def program_summary(session: AsyncSession, target_gpus: int) -> dict[str, 
         for t in (overall, by_partner[p["partner_id"]]):
             t.add(p)
     return {
+        "program_id": program_id,
         "target_gpus": target_gpus,
         **overall.as_dict(),
         "progress": {
@@ -119,3 +131,28 @@ class _Totals:
             "gpus_total": self.gpu_total,
             "capacity_gpu_hours": self.gpu_hours,
         }
+
+
+async def batch_money(session: AsyncSession, batch_id: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Pledged (earmarked for this batch), disbursed of those, and awarded."""
+    rows = (await session.execute(select(PledgeView).where(PledgeView.earmark_batch_id == batch_id))).scalars()
+    earmarked: dict[str, Any] = {}
+    disbursed: dict[str, Any] = {}
+    pledges = []
+    for row in rows:
+        p = json.loads(row.state)
+        pledges.append(p["pledge_id"])
+        if p["status"] == "active" and p.get("capital"):
+            c = p["capital"]
+            earmarked[c["currency"]] = str(Decimal(earmarked.get(c["currency"], "0")) + Decimal(c["amount"]))
+        if p.get("disbursed"):
+            m = p["disbursed"]
+            disbursed[m["currency"]] = str(Decimal(disbursed.get(m["currency"], "0")) + Decimal(m["amount"]))
+    award = state.get("award") or {}
+    return {
+        "earmarked": earmarked,
+        "disbursed": disbursed,
+        "awarded": award.get("total_price"),
+        "unit_price": award.get("unit_price"),
+        "pledges": sorted(pledges),
+    }

@@ -1,0 +1,3 @@
+from services.export_controls.main import main
+
+main()

@@ -1,0 +1,222 @@
+"""The batch view: one GPU batch from request to acceptance, folded from every service's decisions.
+
+Facts are snapshots (shared/facts.py), so folding them is overwriting the part each service owns;
+a stale snapshot never wins over a newer one because each part is replaced only by a decision
+with a later ledger index.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Column, Text, func, select
+from sqlmodel import Field, SQLModel, col
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from shared.decisions import Decision
+
+# The pipeline, in order; a batch's status is the furthest stage its facts show.
+STAGES = (
+    "requested",
+    "quoted",
+    "awarded",
+    "export_pending",
+    "license_required",
+    "export_denied",
+    "license_denied",
+    "cleared",
+    "in_transit",
+    "received",
+    "installed",
+    "accepted",
+)
+
+
+class BatchView(SQLModel, table=True):
+    __tablename__ = "view_batches"
+
+    batch_id: str = Field(primary_key=True, max_length=200)
+    program_id: str | None = Field(default=None, index=True, max_length=200)
+    model: str | None = Field(default=None, index=True, max_length=50)
+    vendor_id: str | None = Field(default=None, index=True, max_length=200)
+    status: str = Field(default="requested", index=True, max_length=30)
+    anomalies: int = 0
+    last_leaf_index: int = 0
+    state: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+
+
+class BatchParty(SQLModel, table=True):
+    """Which parties a batch concerns (for the partner role: it reads only its own batches)."""
+
+    __tablename__ = "view_batch_parties"
+
+    batch_id: str = Field(primary_key=True, max_length=200)
+    party_id: str = Field(primary_key=True, max_length=200)
+
+
+class AnomalyView(SQLModel, table=True):
+    __tablename__ = "view_anomalies"
+
+    id: int | None = Field(default=None, primary_key=True)
+    leaf_index: int = Field(index=True)
+    batch_id: str | None = Field(default=None, index=True, max_length=200)
+    code: str = Field(index=True, max_length=60)
+    severity: str = Field(max_length=20)
+    message: str = Field(sa_column=Column(Text, nullable=False))
+    service: str = Field(max_length=40)
+    party_id: str | None = Field(default=None, max_length=200)
+    decision_id: str = Field(max_length=64)
+    decided_at: datetime
+    details: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+
+
+BATCH_TABLES = [BatchView.__table__, BatchParty.__table__, AnomalyView.__table__]
+
+
+async def project_batch(session: AsyncSession, decision: Decision, leaf_index: int) -> None:
+    for a in decision.anomalies:
+        session.add(
+            AnomalyView(
+                leaf_index=leaf_index,
+                batch_id=a.get("batch_id") or decision.batch_id,
+                code=a["code"],
+                severity=a.get("severity", "high"),
+                message=a["message"],
+                service=decision.service,
+                party_id=decision.party_id,
+                decision_id=decision.decision_id,
+                decided_at=decision.decided_at,
+                details=json.dumps({k: v for k, v in a.items() if k not in ("code", "severity", "message")}),
+            )
+        )
+    if not decision.batch_id or decision.service == "pledges":
+        return  # pledges earmarked for a batch are joined in at read time, from the pledge view
+    view = await session.get(BatchView, decision.batch_id)
+    if view is None:
+        view = BatchView(batch_id=decision.batch_id)
+    state = json.loads(view.state)
+    _fold(state, decision, leaf_index)
+    view.anomalies += len(decision.anomalies)
+    view.last_leaf_index = leaf_index
+    batch = state.get("batch") or {}
+    award = state.get("award") or {}
+    view.program_id = batch.get("program_id") or award.get("program_id") or view.program_id
+    view.model = batch.get("model") or award.get("model") or view.model
+    view.vendor_id = award.get("vendor_id") or view.vendor_id
+    view.status = status_of(state)
+    view.state = json.dumps(state)
+    session.add(view)
+    for party in filter(None, {decision.party_id, award.get("vendor_id")}):
+        if await session.get(BatchParty, (decision.batch_id, party)) is None:
+            session.add(BatchParty(batch_id=decision.batch_id, party_id=party))
+
+
+def _fold(state: dict[str, Any], d: Decision, leaf_index: int) -> None:
+    if d.status != "accepted":
+        return
+    for part in ("batch", "award", "export", "delivery"):
+        if part in d.facts:
+            state[part] = {**d.facts[part], "leaf_index": leaf_index}
+    if "quote" in d.facts:
+        quote = d.facts["quote"]
+        state.setdefault("quotes", {})[quote["quote_id"]] = {**quote, "leaf_index": leaf_index}
+
+
+def status_of(state: dict[str, Any]) -> str:
+    delivery = state.get("delivery") or {}
+    if delivery.get("installed") and delivery.get("accepted", 0) + delivery.get("failed", 0) >= delivery["installed"]:
+        return "accepted"
+    for stage, key in (("installed", "installed"), ("received", "received"), ("in_transit", "dispatched")):
+        if delivery.get(key):
+            return stage
+    export = state.get("export")
+    if export:
+        return {
+            "cleared": "cleared",
+            "licensed": "cleared",
+            "license_required": "license_required",
+            "denied": "export_denied",
+            "license_denied": "license_denied",
+        }[export["status"]]
+    if state.get("award"):
+        return "export_pending"
+    if state.get("quotes"):
+        return "quoted"
+    return "requested"
+
+
+def summarize(view: BatchView) -> dict[str, Any]:
+    state = json.loads(view.state)
+    batch = state.get("batch") or {}
+    award = state.get("award") or {}
+    export = state.get("export") or {}
+    delivery = state.get("delivery") or {}
+    return {
+        "batch_id": view.batch_id,
+        "program_id": view.program_id,
+        "status": view.status,
+        "model": view.model,
+        "site_id": batch.get("site_id") or award.get("site_id"),
+        "requested": batch.get("quantity"),
+        "vendor_id": view.vendor_id,
+        "quantities": {
+            "requested": batch.get("quantity"),
+            "quoted": len(state.get("quotes") or {}),
+            "awarded": award.get("quantity"),
+            "export_cleared": export.get("cleared_quantity") if export.get("status") in ("cleared", "licensed") else 0,
+            "dispatched": delivery.get("dispatched", 0),
+            "in_transit": delivery.get("in_transit", 0),
+            "received": delivery.get("received", 0),
+            "damaged": delivery.get("damaged", 0),
+            "installed": delivery.get("installed", 0),
+            "accepted": delivery.get("accepted", 0),
+            "failed": delivery.get("failed", 0),
+        },
+        "export": {
+            "status": export.get("status"),
+            "outcome": export.get("outcome"),
+            "rule_version": export.get("rule_version"),
+            "eccn": export.get("eccn"),
+            "license_number": export.get("license_number"),
+        }
+        if export
+        else None,
+        "anomalies": view.anomalies,
+        "last_leaf_index": view.last_leaf_index,
+    }
+
+
+async def list_batches(
+    session: AsyncSession,
+    *,
+    status: str | None = None,
+    partner: str | None = None,
+    vendor: str | None = None,
+    model: str | None = None,
+    program_id: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[int, list[BatchView]]:
+    query = select(BatchView)
+    if status:
+        query = query.where(BatchView.status == status)
+    if vendor:
+        query = query.where(BatchView.vendor_id == vendor)
+    if model:
+        query = query.where(BatchView.model == model)
+    if program_id:
+        query = query.where(BatchView.program_id == program_id)
+    if partner:
+        query = query.where(
+            col(BatchView.batch_id).in_(select(BatchParty.batch_id).where(BatchParty.party_id == partner))
+        )
+    total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
+    rows = (await session.execute(query.order_by(BatchView.batch_id).limit(limit).offset(offset))).scalars().all()
+    return total, list(rows)
+
+
+async def batch_parties(session: AsyncSession, batch_id: str) -> set[str]:
+    rows = await session.execute(select(BatchParty.party_id).where(BatchParty.batch_id == batch_id))
+    return {r for (r,) in rows}

@@ -1,0 +1,91 @@
+"""Brings up the services as real processes against the session's Kafka and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import socket
+import uuid
+from pathlib import Path
+
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from services.ledger.auth import write_dev_tokens
+from shared.devstack import SERVICES, Stack
+from shared.parties import DEV_PARTIES, generate_dev_registry, write_private_key
+from shared.topics import ensure_topics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_keys(directory: Path) -> dict[str, str]:
+    generate_dev_registry(directory)
+    write_private_key(directory / "ledger.key", Ed25519PrivateKey.generate())
+    return write_dev_tokens(directory / "tokens.json", [p for p, _, _ in DEV_PARTIES])
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def create_databases(admin_url: str, run_id: str, names: tuple[str, ...]) -> dict[str, str]:
+    """One database per service, as in production: services share nothing but Kafka."""
+    urls = {}
+    with psycopg.connect(_libpq(admin_url), autocommit=True) as conn:
+        for name in names:
+            db = f"gt_{run_id}_{name}"
+            conn.execute(f'CREATE DATABASE "{db}"')
+            base, _, _ = _libpq(admin_url).rpartition("/")
+            urls[name] = f"{base}/{db}"
+    return urls
+
+
+def available_services() -> tuple[str, ...]:
+    return tuple(s for s in SERVICES if importlib.util.find_spec(f"services.{s}.main") is not None)
+
+
+def start_stack(kafka: str, admin_url: str, workdir: Path) -> tuple[Stack, dict[str, str]]:
+    run_id = uuid.uuid4().hex[:8]
+    keys = workdir / "keys"
+    tokens = make_keys(keys)
+    asyncio.run(ensure_topics(kafka))
+    names = available_services()
+    stack = Stack(
+        base_env={
+            "KAFKA_BOOTSTRAP_SERVERS": kafka,
+            "PARTY_REGISTRY": str(keys / "registry.json"),
+            "VAR_DIR": str(workdir / "var"),
+            "CONSUMER_GROUP_PREFIX": f"test-{run_id}",
+            "LEDGER_SIGNING_KEY": str(keys / "ledger.key"),
+            "API_TOKENS": str(keys / "tokens.json"),
+            "LOG_JSON": "true",
+        },
+        log_dir=workdir / "logs",
+        database_urls=create_databases(admin_url, run_id, names),
+        api_port=free_port(),
+    )
+    stack.start(names)
+    stack.wait_ready()
+    return stack, tokens
+
+
+def dump_logs(stack: Stack, lines: int = 40) -> str:
+    out = []
+    for name, proc in stack.processes.items():
+        text = proc.log_path.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"--- {name} ---\n" + "\n".join(text))
+    return "\n".join(out)
+
+
+def auditor_headers(tokens: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens['auditor']}"}
+
+
+def pretty(doc: object) -> str:
+    return json.dumps(doc, indent=2, default=str)
