@@ -12,7 +12,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_serializer
 
 # --- topics -------------------------------------------------------------------------------
 
@@ -121,8 +121,13 @@ class Contract(BaseModel):
 
 
 class Money(Contract):
-    amount: Decimal
+    # Bounded so that no amount is silently rounded or overflows a column; sign checked by the rules.
+    amount: Annotated[Decimal, Field(max_digits=30, decimal_places=6, allow_inf_nan=False)]
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+
+    @field_serializer("amount")
+    def _plain(self, amount: Decimal) -> str:
+        return format(amount, "f")  # "1000", never "1E+3"
 
 
 class Party(Contract):
@@ -154,7 +159,7 @@ class PledgeCommitted(Contract):
     capital: Money | None = None
     gpus: GpuCount | None = None
     capacity: Capacity | None = None
-    earmark_batch_id: str | None = None
+    earmark_batch_id: NonEmpty | None = None
     committed_at: datetime
     due_by: date | datetime
 
@@ -165,7 +170,7 @@ class PledgeAmended(Contract):
     capital: Money | None = None
     gpus: GpuCount | None = None
     capacity: Capacity | None = None
-    earmark_batch_id: str | None = None
+    earmark_batch_id: NonEmpty | None = None
     due_by: date | datetime | None = None
     reason: NonEmpty
 
