@@ -1,0 +1,53 @@
+# gputrace: the two commands first (make run, make test); the rest is for ops and developers.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help run test install lint format fetch-kafka demo up down logs docs clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+run: install ## Start Kafka and every service on this machine (no Docker); Ctrl-C stops all
+	$(BIN)/gputrace run
+
+test: install ## The whole test suite against real Kafka 4.x and PostgreSQL (started by the tests)
+	$(BIN)/pytest
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is needed (PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP) ## Create the virtualenv and install gputrace with its dev tools
+
+fetch-kafka: ## Fetch the Kafka jars from Maven Central into the cache (done by run and test when needed)
+	bash infra/kafka/kafka.sh fetch
+
+lint: install ## ruff
+	$(BIN)/ruff check .
+
+format: install ## ruff format
+	$(BIN)/ruff format .
+
+demo: install ## Publish a realistic programme against whatever is running (make run or compose)
+	$(BIN)/gputrace demo
+
+up: ## docker compose up (needs a Docker engine)
+	docker compose up -d --build
+
+down: ## docker compose down
+	docker compose down
+
+logs: ## docker compose logs
+	docker compose logs -f
+
+docs: install ## Regenerate docs/ (AsyncAPI, OpenAPI) from the code
+	$(BIN)/gputrace docs
+
+clean: ## Remove local data (var/); keeps the venv and the Kafka jar cache
+	rm -rf var
