@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 SERVICES = ("pledges", "quotes", "export_controls", "deliveries", "ledger")
 
@@ -68,6 +76,8 @@ class Stack:
     log_dir: Path
     database_urls: dict[str, str] = field(default_factory=dict)
     api_port: int = 8000
+    # Each service serves /healthz and /metrics on its own port; the ledger's is the API.
+    ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def env_for(self, name: str) -> dict[str, str]:
@@ -75,12 +85,17 @@ class Stack:
         env.pop("DATABASE_URL", None)
         if name in self.database_urls:
             env["DATABASE_URL"] = self.database_urls[name]
-        if name == "ledger":
-            env["API_PORT"] = str(self.api_port)
+        env["HTTP_PORT"] = str(self.port_of(name))
         return env
+
+    def port_of(self, name: str) -> int:
+        if name == "ledger":
+            return self.api_port
+        return self.ports.get(name) or free_port()
 
     def start(self, names: tuple[str, ...] = SERVICES) -> None:
         for name in names:
+            self.ports.setdefault(name, self.port_of(name))
             p = ServiceProcess(name, self.env_for(name), self.log_dir / f"{name}.log")
             p.start()
             self.processes[name] = p
@@ -93,20 +108,25 @@ class Stack:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        """The ledger answers HTTP once its subscriber has started; the others fail fast if broken."""
+    def health_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}/healthz"
+
+    def wait_ready(self, timeout: float = 60, names: tuple[str, ...] | None = None) -> None:
+        """Every service answers /healthz once its tables exist and its subscriber has started."""
         deadline = time.monotonic() + timeout
+        waiting = set(names or self.processes)
         while time.monotonic() < deadline:
-            dead = [n for n, p in self.processes.items() if not p.running]
+            dead = [n for n in waiting if not self.processes[n].running]
             if dead:
                 tails = {n: self.processes[n].log_path.read_text()[-2000:] for n in dead}
                 raise RuntimeError(f"service(s) exited: {dead}\n{tails}")
-            if "ledger" not in self.processes:
+            for name in list(waiting):
+                try:
+                    if httpx.get(self.health_url(name), timeout=1).status_code == 200:
+                        waiting.discard(name)
+                except httpx.HTTPError:
+                    pass
+            if not waiting:
                 return
-            try:
-                if httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
             time.sleep(0.3)
-        raise TimeoutError("services not ready in time")
+        raise TimeoutError(f"services not ready in time: {sorted(waiting)}")

@@ -9,13 +9,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from aiokafka import ConsumerRecord
-from faststream import AckPolicy, FastStream
+from fastapi import FastAPI
+from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
+from prometheus_client import make_asgi_app
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -126,9 +130,50 @@ class Service:
         await self.relay.stop()
         await self.engine.dispose()
 
-    def app(self) -> FastStream:
-        configure_logging(self.settings.log_level, self.settings.log_json)
-        app = FastStream(self.broker)
-        app.on_startup(self.start_dependencies)
-        app.after_shutdown(self.stop_dependencies)
+    def http_app(
+        self,
+        *,
+        title: str | None = None,
+        description: str = "",
+        on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
+        consume: bool = True,
+    ) -> FastAPI:
+        """The service's process: an ASGI app whose lifespan runs the Kafka subscriber and the outbox
+        relay, serving /healthz and /metrics (Prometheus). The ledger adds its API routes to it."""
+        service = self
+
+        @asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            await service.start_dependencies()
+            for hook in on_startup:
+                await hook()
+            if consume:
+                await service.broker.start()
+            try:
+                yield
+            finally:
+                if consume:
+                    await service.broker.stop()
+                await service.stop_dependencies()
+
+        app = FastAPI(title=title or f"gputrace {self.name}", description=description, lifespan=lifespan)
+        app.state.service = self
+        app.state.settings = self.settings
+        app.state.sessions = self.sessions
+
+        @app.get("/healthz", include_in_schema=False)
+        async def healthz() -> dict[str, str]:
+            return {"status": "ok", "service": service.name}
+
+        app.mount("/metrics", make_asgi_app())
         return app
+
+    def serve(self, app: FastAPI) -> None:
+        configure_logging(self.settings.log_level, self.settings.log_json)
+        uvicorn.run(app, host=self.settings.http_host, port=self.settings.http_port, log_config=None)
+
+
+def run_service(build: Callable[[], Service]) -> None:
+    """`python -m services.<name>`: build the service from the environment and serve it."""
+    service = build()
+    service.serve(service.http_app())

@@ -37,8 +37,8 @@ class Settings(BaseSettings):
     ledger_signing_key: Path = Field(
         DEFAULT_VAR_DIR / "keys" / "ledger.key", description="Ed25519 PEM key the ledger signs checkpoints with."
     )
-    api_host: str = Field("127.0.0.1", description="Ledger API bind address.")
-    api_port: int = Field(8000, description="Ledger API port.")
+    http_host: str = Field("127.0.0.1", description="Bind address of the service's HTTP endpoint.")
+    http_port: int = Field(8000, description="Port of /healthz and /metrics (and the ledger's API).")
     api_tokens: Path = Field(
         DEFAULT_VAR_DIR / "keys" / "tokens.json", description="Bearer tokens of the ledger API and their roles."
     )
@@ -48,9 +48,6 @@ class Settings(BaseSettings):
     export_ruleset: str | None = Field(
         None, description="Pin one export rule-set version (e.g. for a re-run); unset: chosen by the shipment date."
     )
-
-    # Metrics.
-    metrics_port: int | None = Field(None, description="Port of the Prometheus /metrics endpoint (unset: off).")
 
     def sqlalchemy_url(self, service: str) -> str:
         if not self.database_url:

@@ -41,3 +41,4 @@ async def ensure_topics(
         return [t.name for t in missing]
     finally:
         await admin.close()
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import socket
 import uuid
 from pathlib import Path
 
@@ -13,15 +12,9 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.ledger.auth import write_dev_tokens
-from shared.devstack import SERVICES, Stack
+from shared.devstack import SERVICES, Stack, free_port
 from shared.parties import DEV_PARTIES, generate_dev_registry, write_private_key
 from shared.topics import ensure_topics
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_keys(directory: Path) -> dict[str, str]:

@@ -35,7 +35,7 @@ from shared.contract import (
 )
 from shared.decisions import Accepted, Decision, Rejected, Verdict
 from shared.facts import AWARD, DELIVERY, EXPORT, AwardFacts, ExportFacts
-from shared.service import Service
+from shared.service import Service, run_service
 
 SERVICE = "deliveries"
 
@@ -358,9 +358,7 @@ def build() -> Service:
 
 
 def main() -> None:
-    import asyncio
-
-    asyncio.run(build().app().run())
+    run_service(build)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from shared.consumer import Emitter, Inbound
 from shared.contract import LICENSING_TOPIC, LicenseDenied, LicenseGranted, ReasonCode, decisions_topic, event_type
 from shared.decisions import Accepted, Decision, Rejected, Verdict
 from shared.facts import EXPORT, EXPORT_DECIDED, AwardFacts, ExportFacts, anomaly
-from shared.service import Service
+from shared.service import Service, run_service
 from shared.settings import Settings
 
 SERVICE = "export_controls"
@@ -212,9 +212,7 @@ def build(settings: Settings | None = None) -> Service:
 
 
 def main() -> None:
-    import asyncio
-
-    asyncio.run(build().app().run())
+    run_service(build)
 
 
 if __name__ == "__main__":

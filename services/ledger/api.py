@@ -150,12 +150,4 @@ async def get_anomalies(
     }
 
 
-health = APIRouter()
-
-
-@health.get("/healthz", summary="Liveness", include_in_schema=False)
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-__all__ = ["health", "require", "router"]
+__all__ = ["require", "router"]

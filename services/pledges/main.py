@@ -16,7 +16,7 @@ from services.pledges import domain
 from shared.consumer import Inbound
 from shared.contract import PLEDGES_TOPIC, event_type
 from shared.decisions import Accepted, Rejected, Verdict
-from shared.service import Service
+from shared.service import Service, run_service
 
 SERVICE = "pledges"
 
@@ -70,9 +70,7 @@ def build() -> Service:
 
 
 def main() -> None:
-    import asyncio
-
-    asyncio.run(build().app().run())
+    run_service(build)
 
 
 if __name__ == "__main__":

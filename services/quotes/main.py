@@ -29,7 +29,7 @@ from shared.contract import (
 )
 from shared.decisions import Accepted, Decision, Rejected, Verdict
 from shared.facts import AWARD, BATCH, PLEDGE
-from shared.service import Service
+from shared.service import Service, run_service
 
 SERVICE = "quotes"
 
@@ -280,9 +280,7 @@ def build() -> Service:
 
 
 def main() -> None:
-    import asyncio
-
-    asyncio.run(build().app().run())
+    run_service(build)
 
 
 if __name__ == "__main__":
