@@ -10,11 +10,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from shared.audit import audit_app
 from shared.settings import Settings
 
 app = typer.Typer(help="gputrace: trace the national GPU programme from pledge to acceptance.", no_args_is_help=True)
 keys_app = typer.Typer(help="Party keys, the party registry, API tokens and the ledger key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 console = Console()
 
 SERVICE_MODULES = {

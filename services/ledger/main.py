@@ -15,6 +15,7 @@ from services.ledger.api import health, router
 from services.ledger.appender import Appender
 from services.ledger.auth import load_tokens
 from services.ledger.log import LOG_TABLES, install_append_only_guards
+from services.ledger.log_api import log_router
 from services.ledger.projections import PROJECTION_TABLES
 from shared.contract import SERVICES, decisions_topic
 from shared.observability import configure_logging
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
     app.state.tokens = load_tokens(settings.api_tokens)
     app.state.service = service
     app.include_router(router)
+    app.include_router(log_router)
     app.include_router(health)
     return app
 

@@ -1,0 +1,236 @@
+"""The Merkle log as auditors read it: signed checkpoints, the public key, raw entries and proofs.
+
+Everything here is evidence the auditor re-checks, so the routes serve stored bytes and stored
+hashes as they are and never recompute what the client is meant to recompute: `entries` gives
+the canonical JSON exactly as it was hashed, alongside the leaf hash the server believes in.
+
+Proofs are built for any tree size up to the current one from the stored complete subtrees,
+O(log n) node reads each (`merkle.*_coords` + `fetch_nodes`).
+
+Roles: auditor and ops read the log (it holds every party's decisions, so partners do not);
+the public key is public, since auditors are meant to obtain it out of band anyway.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.ledger.auth import require
+from services.ledger.log import LogEntry, LogHead, SignedCheckpoint, b64, fetch_nodes
+from shared import merkle
+from shared.checkpoint import make_vkey
+from shared.parties import load_private_key
+
+MAX_ENTRIES = 1000  # per /entries call; clients page (the auditor CLI does)
+NOTE_MEDIA_TYPE = "text/plain; charset=utf-8"
+
+log_router = APIRouter(prefix="/v1/log", tags=["log"])
+_READERS = require("auditor", "ops")
+
+
+async def _session(request: Request):  # type: ignore[no-untyped-def]
+    async with request.app.state.sessions() as session:
+        yield session
+
+
+Session = Annotated[AsyncSession, Depends(_session)]
+Format = Annotated[Literal["note", "json"], Query(description="`note` (text/plain signed note) or `json`")]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _current_size(session: AsyncSession) -> int:
+    """The log's size from the head row: every leaf below it, and its nodes, are committed."""
+    head = await session.get(LogHead, 1)
+    return head.size if head is not None else 0
+
+
+def _bad(detail: str) -> HTTPException:
+    return HTTPException(400, detail)
+
+
+def _beyond(what: str, value: int, size: int) -> HTTPException:
+    # 416: the request is well formed but the log has not grown that far (yet); retry later.
+    return HTTPException(416, f"{what} {value} is beyond the current log size {size}")
+
+
+def _check_tree_size(tree_size: int, size: int) -> None:
+    if tree_size < 1:
+        raise _bad(f"tree_size must be at least 1, got {tree_size}")
+    if tree_size > size:
+        raise _beyond("tree_size", tree_size, size)
+
+
+def _checkpoint_response(cp: SignedCheckpoint, fmt: str) -> Response:
+    if fmt == "json":
+        return JSONResponse(
+            {"size": cp.size, "root_hash": b64(cp.root_hash), "note": cp.note, "signed_at": cp.signed_at.isoformat()}
+        )
+    return PlainTextResponse(cp.note, media_type=NOTE_MEDIA_TYPE)
+
+
+def _decode_hash(value: str) -> bytes:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise _bad("leaf_hash is not standard base64 (remember to URL-encode '+' and '/')") from None
+    if len(raw) != merkle.HASH_SIZE:
+        raise _bad(f"leaf_hash must decode to {merkle.HASH_SIZE} bytes, got {len(raw)}")
+    return raw
+
+
+async def _leaf_index_of(session: AsyncSession, leaf_hash: bytes, tree_size: int) -> int:
+    index = (
+        await session.exec(
+            select(LogEntry.leaf_index)
+            .where(LogEntry.leaf_hash == leaf_hash, col(LogEntry.leaf_index) < tree_size)
+            .order_by(col(LogEntry.leaf_index))
+            .limit(1)
+        )
+    ).first()
+    if index is None:
+        raise HTTPException(404, f"no leaf with that hash in the tree of size {tree_size}")
+    return index
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@log_router.get(
+    "/checkpoint",
+    summary="The latest signed checkpoint (C2SP tlog-checkpoint signed note)",
+    dependencies=[_READERS],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}, "application/json": {}}}},
+)
+async def get_checkpoint(session: Session, format: Format = "note") -> Response:
+    cp = (await session.exec(select(SignedCheckpoint).order_by(col(SignedCheckpoint.size).desc()).limit(1))).first()
+    if cp is None:
+        raise HTTPException(404, "the log has not signed a checkpoint yet (it is empty)")
+    return _checkpoint_response(cp, format)
+
+
+@log_router.get(
+    "/checkpoints/{size}",
+    summary="The checkpoint signed at a past size, if one was signed at exactly that size",
+    dependencies=[_READERS],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}, "application/json": {}}}},
+)
+async def get_past_checkpoint(size: int, session: Session, format: Format = "note") -> Response:
+    cp = await session.get(SignedCheckpoint, size)
+    if cp is None:
+        raise HTTPException(404, f"no checkpoint was signed at size {size}")
+    return _checkpoint_response(cp, format)
+
+
+@log_router.get("/public-key", summary="The log's origin and Ed25519 verifier key (public)")
+async def get_public_key(request: Request) -> dict[str, str]:
+    settings = request.app.state.settings
+    public_key = getattr(request.app.state, "log_public_key", None)
+    if public_key is None:
+        # The service loaded (or generated) this key at start-up; read it once and keep it.
+        public_key = request.app.state.log_public_key = load_private_key(settings.ledger_signing_key).public_key()
+    # The appender signs with the origin as the key name, as C2SP recommends.
+    origin = settings.ledger_origin
+    raw = public_key.public_bytes_raw()
+    return {
+        "origin": origin,
+        "key_name": origin,
+        "vkey": make_vkey(origin, public_key),
+        "public_key": b64(raw),
+    }
+
+
+@log_router.get(
+    "/entries",
+    summary=f"Entries [start, end) as the canonical JSON that was hashed (at most {MAX_ENTRIES} per call)",
+    dependencies=[_READERS],
+)
+async def get_entries(
+    session: Session,
+    start: int,
+    end: Annotated[int | None, Query(description=f"exclusive; default min(start + {MAX_ENTRIES}, size)")] = None,
+) -> list[dict[str, Any]]:
+    size = await _current_size(session)
+    if start < 0:
+        raise _bad(f"start must be >= 0, got {start}")
+    if end is None:
+        end = min(start + MAX_ENTRIES, size)
+        if start >= size:
+            raise _beyond("start", start, size)
+    if end <= start:
+        raise _bad(f"end ({end}) must be greater than start ({start})")
+    if end - start > MAX_ENTRIES:
+        raise _bad(f"at most {MAX_ENTRIES} entries per call (asked for {end - start})")
+    if end > size:
+        raise _beyond("end", end, size)
+    rows = (
+        await session.exec(
+            select(LogEntry.leaf_index, LogEntry.entry, LogEntry.leaf_hash)
+            .where(col(LogEntry.leaf_index) >= start, col(LogEntry.leaf_index) < end)
+            .order_by(col(LogEntry.leaf_index))
+        )
+    ).all()
+    if len(rows) != end - start:
+        # Below the head every index exists; a gap is storage damage and must not look like success.
+        raise HTTPException(500, f"log entries missing in [{start}, {end}): found {len(rows)}")
+    return [{"leaf_index": i, "entry": entry, "leaf_hash": b64(h)} for i, entry, h in rows]
+
+
+@log_router.get(
+    "/proof/inclusion",
+    summary="RFC 9162 inclusion proof of a leaf (by index or by leaf hash) in a tree of any past size",
+    dependencies=[_READERS],
+)
+async def get_inclusion_proof(
+    session: Session,
+    tree_size: Annotated[int | None, Query(description="default: the current size")] = None,
+    leaf_index: int | None = None,
+    leaf_hash: Annotated[str | None, Query(description="standard base64 of the 32-byte leaf hash")] = None,
+) -> dict[str, Any]:
+    size = await _current_size(session)
+    tree_size = size if tree_size is None else tree_size
+    _check_tree_size(tree_size, size)
+    if (leaf_index is None) == (leaf_hash is None):
+        raise _bad("give exactly one of leaf_index and leaf_hash")
+    if leaf_hash is not None:
+        leaf_index = await _leaf_index_of(session, _decode_hash(leaf_hash), tree_size)
+    assert leaf_index is not None
+    if not 0 <= leaf_index < tree_size:
+        raise _bad(f"leaf_index {leaf_index} is not in a tree of size {tree_size}")
+    nodes = await fetch_nodes(session, merkle.inclusion_proof_coords(leaf_index, tree_size))
+    proof = merkle.inclusion_proof(leaf_index, tree_size, nodes)
+    return {"leaf_index": leaf_index, "tree_size": tree_size, "proof": [b64(p) for p in proof]}
+
+
+@log_router.get(
+    "/proof/consistency",
+    summary="RFC 9162 consistency proof between two tree sizes (empty when first is 0 or equals second)",
+    dependencies=[_READERS],
+)
+async def get_consistency_proof(
+    session: Session,
+    first: int,
+    second: Annotated[int | None, Query(description="default: the current size")] = None,
+) -> dict[str, Any]:
+    size = await _current_size(session)
+    second = size if second is None else second
+    if first < 0 or second < first:
+        raise _bad(f"need 0 <= first <= second, got first={first}, second={second}")
+    if second > size:
+        raise _beyond("second", second, size)
+    nodes = await fetch_nodes(session, merkle.consistency_proof_coords(first, second))
+    proof = merkle.consistency_proof(first, second, nodes)
+    return {"first": first, "second": second, "proof": [b64(p) for p in proof]}
+
+
+__all__ = ["MAX_ENTRIES", "log_router"]
