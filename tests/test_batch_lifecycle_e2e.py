@@ -154,6 +154,24 @@ async def test_whole_life_of_a_batch(partner: PartnerClient, outcomes: TopicWatc
     assert [s["leaf_index"] for s in doc["timeline"]] == sorted(s["leaf_index"] for s in doc["timeline"])
     assert doc["anomalies"] == 2
 
+    ocds = (await api.get(f"/v1/batches/{g.batch}/ocds")).raise_for_status().json()
+    assert [r["tag"][0] for r in ocds["releases"]] == ["tender", "award", "implementation"]
+    award_release = ocds["releases"][1]
+    assert award_release["awards"][0]["value"] == {"amount": 400000000, "currency": "KRW"}
+    assert award_release["awards"][0]["suppliers"] == [{"id": "nvidia-partner-kr", "name": "nvidia-partner-kr"}]
+    assert len(award_release["bids"]["details"]) == 2
+    epcis = (await api.get(f"/v1/batches/{g.batch}/epcis")).raise_for_status().json()
+    assert epcis["type"] == "EPCISDocument" and epcis["schemaVersion"] == "2.0"
+
+    def serials(step: str, disposition: str) -> int:
+        return sum(len(e["epcList"]) for e in epcis["epcisBody"]["eventList"]
+                   if e["bizStep"] == step and e["disposition"] == disposition)
+
+    assert serials("shipping", "in_transit") == 8
+    assert (serials("receiving", "in_progress"), serials("receiving", "damaged")) == (7, 1)
+    assert serials("installing", "active") == 7
+    assert (serials("accepting", "conformant"), serials("accepting", "non_conformant")) == (6, 1)
+
 
 async def test_licence_required_then_granted(partner: PartnerClient, outcomes: TopicWatcher, api: httpx.AsyncClient) -> None:
     g = Programme(partner, outcomes, model="H200-SXM", quantity=4)

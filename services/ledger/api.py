@@ -11,6 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.ledger.auth import CurrentPrincipal, Principal, require
 from services.ledger.batches import STAGES, AnomalyView, BatchView, batch_parties, list_batches, summarize
+from services.ledger.exports import epcis_document, ocds_package
 from services.ledger.log import LogEntry
 from services.ledger.projections import PledgeView, batch_money, program_summary
 
@@ -23,6 +24,8 @@ async def get_session(request: Request):  # type: ignore[no-untyped-def]
 
 
 Session = Annotated[AsyncSession, Depends(get_session)]
+# Bids carry competitors' prices: the full procurement record is for auditors and ops.
+AuditorOrOps = Annotated[Principal, require("auditor", "ops")]
 
 
 @router.get("/program", summary="Programme totals: pledged capital, in-kind GPUs, capacity, disbursed; by partner")
@@ -113,6 +116,25 @@ async def get_batch(batch_id: str, session: Session, principal: CurrentPrincipal
         "award": state.get("award"),
         "timeline": timeline,
     }
+
+
+async def _batch_entries(session: AsyncSession, batch_id: str) -> list[dict[str, Any]]:
+    rows = (
+        await session.execute(select(LogEntry).where(LogEntry.batch_id == batch_id).order_by(LogEntry.leaf_index))
+    ).scalars()
+    return [{**json.loads(r.entry), "leaf_index": r.leaf_index} for r in rows]
+
+
+@router.get("/batches/{batch_id}/ocds", summary="The batch's procurement as an OCDS 1.1 release package")
+async def get_batch_ocds(batch_id: str, session: Session, principal: AuditorOrOps) -> dict[str, Any]:
+    await _readable_batch(session, batch_id, principal)
+    return ocds_package(batch_id, await _batch_entries(session, batch_id), publisher="gputrace ledger")
+
+
+@router.get("/batches/{batch_id}/epcis", summary="The batch's delivery events as an EPCIS 2.0 document")
+async def get_batch_epcis(batch_id: str, session: Session, principal: CurrentPrincipal) -> dict[str, Any]:
+    await _readable_batch(session, batch_id, principal)
+    return epcis_document(batch_id, await _batch_entries(session, batch_id))
 
 
 @router.get("/anomalies", summary="Anomalies auditors must see (funding shortfalls, export violations, ...)")
