@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -74,6 +75,137 @@ def serve(
     if service not in SERVICE_MODULES:
         raise typer.BadParameter(f"unknown service {service!r}; choose one of {', '.join(SERVICE_MODULES)}")
     importlib.import_module(SERVICE_MODULES[service]).main()
+
+
+@app.command("publish")
+def publish(
+    party: Annotated[str, typer.Argument(help="The sending party's id, e.g. nhn-cloud")],
+    short_type: Annotated[str, typer.Argument(help="Event type without the gputrace. prefix, e.g. pledge.committed.v1")],
+    data: Annotated[str, typer.Argument(help="The event's data as JSON ('-' reads standard input)")],
+    keys: Annotated[Path, typer.Option(help="Directory with <party>.key files")] = Path("var/keys"),
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers (default: KAFKA_BOOTSTRAP_SERVERS)")] = None,
+) -> None:
+    """Sign an event as PARTY and publish it on its topic, as a partner system would."""
+    import sys
+    import uuid
+
+    from aiokafka import AIOKafkaProducer
+
+    from shared.cloudevents import CloudEvent, now_rfc3339
+    from shared.contract import EVENTS, party_source
+    from shared.parties import load_private_key
+
+    spec = EVENTS.get(f"gputrace.{short_type}")
+    if spec is None:
+        raise typer.BadParameter(f"unknown type; one of: {', '.join(t.removeprefix('gputrace.') for t in EVENTS)}")
+    body = json.loads(sys.stdin.read() if data == "-" else data)
+    event = CloudEvent(
+        id=str(uuid.uuid4()),
+        source=party_source(party),
+        type=spec.type,
+        subject=str(body.get(spec.aggregate_field, "")) or None,
+        time=now_rfc3339(),
+        data=body,
+    ).signed(load_private_key(keys / f"{party}.key"))
+    servers = bootstrap or Settings().kafka_bootstrap_servers
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=True)
+        await producer.start()
+        try:
+            key, value, headers = event.as_record()
+            await producer.send_and_wait(spec.topic, value, key=key, headers=headers)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    console.print(f"published {spec.type} id={event.id} to {spec.topic}; its outcome comes on gputrace.outcomes.v1")
+
+
+@app.command("run")
+def run(
+    kafka_port: Annotated[int, typer.Option(help="Port of the local Kafka broker started when none is given")] = 9092,
+    api_port: Annotated[int, typer.Option(help="Port of the ledger API")] = 8000,
+    var_dir: Annotated[Path, typer.Option(help="Keys, embedded databases, Kafka data and logs")] = Path("var"),
+) -> None:
+    """Start the whole system on this machine: Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set), the
+    topics, and every service as its own process. Ctrl-C stops everything cleanly.
+
+    Each service keeps its data in its own SQLite file under VAR_DIR/data unless DATABASE_URL_<SERVICE>
+    (e.g. DATABASE_URL_LEDGER) points it at PostgreSQL.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from shared.devstack import SERVICES, Stack
+
+    var_dir = var_dir.resolve()
+    keys = var_dir / "keys"
+    keys_init(keys)
+    root = Path(__file__).resolve().parent.parent
+    started_kafka = False
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        console.print("starting Kafka (first run fetches its jars from Maven Central)...")
+        out = subprocess.run(
+            ["bash", str(root / "infra/kafka/kafka.sh"), "start", "--dir", str(var_dir / "kafka"),
+             "--port", str(kafka_port)],
+            check=True, stdout=subprocess.PIPE, text=True,
+        )
+        bootstrap = out.stdout.strip().splitlines()[-1]
+        started_kafka = True
+    from shared.topics import ensure_topics
+
+    asyncio.run(ensure_topics(bootstrap))
+    stack = Stack(
+        base_env={
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "PARTY_REGISTRY": str(keys / "registry.json"),
+            "VAR_DIR": str(var_dir),
+            "LEDGER_SIGNING_KEY": str(keys / "ledger.key"),
+            "API_TOKENS": str(keys / "tokens.json"),
+        },
+        log_dir=var_dir / "logs",
+        database_urls={s: os.environ[f"DATABASE_URL_{s.upper()}"] for s in SERVICES if f"DATABASE_URL_{s.upper()}" in os.environ},
+        api_port=api_port,
+    )
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.start()
+        stack.wait_ready(timeout=120)
+        tokens = json.loads((keys / "tokens.json").read_text())["tokens"]
+        auditor = next(t["token"] for t in tokens if t["role"] == "auditor")
+        ports = ", ".join(f"{n} :{stack.ports[n]}" for n in SERVICES)
+        console.print(f"  health and /metrics: {ports}")
+        console.print(f"[green]gputrace is running[/green]: Kafka {bootstrap}, services {', '.join(SERVICES)}")
+        console.print(f"  API        {stack.api_url}/docs   (Authorization: Bearer {auditor})")
+        console.print(f"  dashboard  {stack.api_url}/")
+        console.print(f"  logs       {var_dir / 'logs'}")
+        console.print("Ctrl-C stops everything.")
+        while not stopping:
+            dead = [n for n, p in stack.processes.items() if not p.running]
+            if dead:
+                console.print(f"[red]service(s) exited: {', '.join(dead)}[/red]; see {var_dir / 'logs'}")
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping services...")
+        stack.stop()
+        if started_kafka:
+            console.print("stopping Kafka...")
+            subprocess.run(["bash", str(root / "infra/kafka/kafka.sh"), "stop", "--dir", str(var_dir / "kafka")],
+                           check=False)
+        console.print("stopped.")
 
 
 if __name__ == "__main__":

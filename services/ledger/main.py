@@ -6,19 +6,16 @@ One process: a FastAPI app whose lifespan runs the Kafka subscriber (shared mech
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.ledger.api import health, router
+from services.ledger.api import router
 from services.ledger.appender import Appender
 from services.ledger.auth import load_tokens
 from services.ledger.log import LOG_TABLES, install_append_only_guards
 from services.ledger.log_api import log_router
 from services.ledger.projections import PROJECTION_TABLES
 from shared.contract import SERVICES, decisions_topic
-from shared.observability import configure_logging
 from shared.parties import load_private_key, write_private_key
 from shared.service import Service
 from shared.settings import Settings
@@ -55,42 +52,27 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
     settings = settings or Settings()
     service = build_service(settings)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await service.start_dependencies()
+    async def guard_log() -> None:
         async with service.engine.begin() as conn:
             await install_append_only_guards(conn)
-        if consume:
-            await service.broker.start()
-        try:
-            yield
-        finally:
-            if consume:
-                await service.broker.stop()
-            await service.stop_dependencies()
 
-    app = FastAPI(
+    app = service.http_app(
         title="gputrace ledger",
-        version="1.0.0",
         description="The tamper-evident record of the national GPU programme, for auditors.",
-        lifespan=lifespan,
+        on_startup=[guard_log],
+        consume=consume,
     )
-    app.state.settings = settings
-    app.state.sessions = service.sessions
+    app.version = "1.0.0"
     app.state.tokens = load_tokens(settings.api_tokens)
-    app.state.service = service
     app.include_router(router)
     app.include_router(log_router)
-    app.include_router(health)
     return app
 
 
 def main() -> None:
-    import uvicorn
-
     settings = Settings()
-    configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None)
+    service_app = create_app(settings)
+    service_app.state.service.serve(service_app)
 
 
 if __name__ == "__main__":
