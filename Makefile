@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help run test install lint format fetch-kafka demo up down logs docs clean
+.PHONY: help run test install lint format fetch-kafka demo bench up down logs docs clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ format: install ## ruff format
 
 demo: install ## Publish a realistic programme against whatever is running (make run or compose)
 	$(BIN)/gputrace demo
+
+bench: install ## Throughput against raw aiokafka and raw PostgreSQL in the same run (EVENTS=5000)
+	$(BIN)/python -m tests.benchmarks.bench_pipeline --events $${EVENTS:-5000}
 
 up: ## docker compose up (needs a Docker engine)
 	docker compose up -d --build

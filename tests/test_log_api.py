@@ -29,7 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ledger.auth import write_dev_tokens
-from services.ledger.log import LOG_TABLES, LogWriter, install_append_only_guards
+from services.ledger.log import APPEND_ONLY, LOG_TABLES, LogWriter, install_append_only_guards
 from services.ledger.log_api import MAX_ENTRIES
 from services.ledger.main import create_app
 from services.ledger.projections import PROJECTION_TABLES
@@ -156,11 +156,17 @@ class LedgerDB:
             await engine.dispose()
 
     def tamper(self, sql: str, params: dict[str, Any] | None = None) -> int:
-        """Rewrite stored rows as an attacker with database access would: the superuser switches
-        the session to replica mode, in which ordinary (append-only) triggers do not fire."""
-        with psycopg.connect(self.libpq_url, autocommit=True) as conn:
-            conn.execute("SET session_replication_role = replica")
-            return conn.execute(sql, params or {}).rowcount
+        """Rewrite stored rows as an attacker with the table owner's rights would: switch the
+        append-only triggers off, rewrite, switch them back on (the guards stop bugs, not owners;
+        the Merkle log is what catches an owner)."""
+        with psycopg.connect(self.libpq_url) as conn:
+            for table in APPEND_ONLY:
+                conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+            changed = conn.execute(sql, params or {}).rowcount
+            for table in APPEND_ONLY:
+                for trigger in (f"{table}_append_only", f"{table}_no_truncate"):
+                    conn.execute(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}")
+            return changed
 
     def drop(self) -> None:
         with psycopg.connect(self.admin, autocommit=True) as conn:
@@ -485,6 +491,11 @@ def test_the_database_refuses_update_delete_and_truncate_of_the_log(ledger: Ledg
             assert f"ledger table {table} is append-only" in outcome, (sql, outcome)
     with psycopg.connect(ledger.db.libpq_url) as conn:
         assert conn.execute("SELECT count(*) FROM log_entries").fetchone() == (300,)
+    # Replica mode, which silences ordinary triggers, does not silence these.
+    with psycopg.connect(ledger.db.libpq_url, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            conn.execute("DELETE FROM log_entries WHERE leaf_index = 3")
 
 
 def test_an_empty_log_has_no_checkpoint(pg_admin: str, tmp_path: Path) -> None:

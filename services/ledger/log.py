@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Column, LargeBinary, Text, select, text
+from sqlalchemy import Column, LargeBinary, Text, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -43,7 +43,7 @@ class LogEntry(SQLModel, table=True):
     decision_id: str = Field(unique=True, max_length=64)
     # The canonical JSON (RFC 8785) that the leaf hash covers, stored byte for byte.
     entry: str = Field(sa_column=Column(Text, nullable=False))
-    leaf_hash: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    leaf_hash: bytes = Field(sa_column=Column(LargeBinary, nullable=False, index=True))
     # Index columns derived from the entry, for queries; not part of the hash.
     service: str = Field(max_length=40)
     event_type: str = Field(max_length=100)
@@ -101,6 +101,10 @@ async def install_append_only_guards(conn: AsyncConnection) -> None:
                     "FOR EACH STATEMENT EXECUTE FUNCTION gputrace_append_only()"
                 )
             )
+            # ALWAYS: the guards fire even in replica mode (session_replication_role), which
+            # would otherwise silence them for anyone allowed to set it.
+            for trigger in (f"{table}_append_only", f"{table}_no_truncate"):
+                await conn.execute(text(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}"))
     else:
         for table in APPEND_ONLY:
             for op in ("UPDATE", "DELETE"):
@@ -200,16 +204,14 @@ async def fetch_nodes(session: AsyncSession, coords: Sequence[tuple[int, int]]) 
     if not coords:
         return {}
     wanted = set(coords)
-    levels = {lvl for lvl, _ in wanted}
-    idxs = {i for _, i in wanted}
     rows = (
         await session.execute(
             select(LogNode.level, LogNode.idx, LogNode.hash).where(
-                col(LogNode.level).in_(levels), col(LogNode.idx).in_(idxs)
+                tuple_(col(LogNode.level), col(LogNode.idx)).in_(sorted(wanted))
             )
         )
     ).all()
-    found = {(lvl, i): h for lvl, i, h in rows if (lvl, i) in wanted}
+    found = {(lvl, i): bytes(h) for lvl, i, h in rows}
     missing = wanted - found.keys()
     if missing:
         raise LookupError(f"log nodes missing: {sorted(missing)[:5]}")
