@@ -12,22 +12,30 @@ import httpx
 import pytest
 
 from shared.devstack import Stack
-from tests.infra import LocalKafka, LocalPostgres, docker_available
+from tests.infra import LocalKafka, LocalPostgres, docker_available, kafka_container, postgres_container
 from tests.partner import PartnerClient, TopicWatcher
 from tests.stack import auditor_headers, dump_logs, start_stack
 
-# --- infrastructure -------------------------------------------------------------------------
+# === infrastructure (owner: infra; keep this section compact and first) =======================
+# Session-wide real Kafka 4.x and PostgreSQL. Source, in order: KAFKA_BOOTSTRAP_SERVERS /
+# DATABASE_URL when set; else testcontainers when a Docker engine answers; else the local scripts
+# infra/kafka/kafka.sh and infra/postgres/postgres.sh in temp dirs (no Docker needed).
+#   kafka_bootstrap -> "host:port"              local_kafka    -> LocalKafka, or None if not ours
+#   postgres_url    -> admin postgresql+psycopg:// URL (may CREATE DATABASE)
+#   local_postgres  -> LocalPostgres, or None if not ours
+# local_* allow kill()/restart() (same port, same data) in crash tests; skip such a test on None.
 
 
 @pytest.fixture(scope="session")
 def local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka | None]:
-    """The broker this session started itself (None when it uses an external one)."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or docker_available():
         yield None
         return
     kafka = LocalKafka(tmp_path_factory.mktemp("kafka")).start()
-    yield kafka
-    kafka.stop()
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
 
 
 @pytest.fixture(scope="session")
@@ -37,30 +45,35 @@ def kafka_bootstrap(local_kafka: LocalKafka | None) -> Iterator[str]:
     elif local_kafka is not None:
         yield local_kafka.bootstrap
     else:
-        from testcontainers.kafka import KafkaContainer
-
-        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as kafka:
-            yield kafka.get_bootstrap_server()
+        with kafka_container() as bootstrap:
+            yield bootstrap
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """SQLAlchemy URL (postgresql+psycopg://) of an admin database on a real PostgreSQL."""
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"].replace("postgresql://", "postgresql+psycopg://", 1)
-    elif docker_available():
-        from testcontainers.postgres import PostgresContainer
-
-        with PostgresContainer("postgres:16", driver="psycopg") as pg:
-            yield pg.get_connection_url()
-    else:
-        # Not under pytest's tmp dir: that is private to root and the cluster runs as `postgres`.
-        directory = Path(tempfile.mkdtemp(prefix="gputrace-pg-"))
-        directory.chmod(0o755)
-        pg = LocalPostgres(directory).start()
-        yield pg.url
+def local_postgres() -> Iterator[LocalPostgres | None]:
+    if os.environ.get("DATABASE_URL") or docker_available():
+        yield None
+        return
+    # Not under pytest's tmp dir: as root the cluster runs as `postgres`, which can't enter it.
+    directory = Path(tempfile.mkdtemp(prefix="gputrace-pg-"))
+    pg = LocalPostgres(directory).start()
+    try:
+        yield pg
+    finally:
         pg.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(local_postgres: LocalPostgres | None) -> Iterator[str]:
+    if url := os.environ.get("DATABASE_URL"):
+        scheme, rest = url.split("://", 1)
+        yield ("postgresql+psycopg" if scheme in ("postgres", "postgresql") else scheme) + "://" + rest
+    elif local_postgres is not None:
+        yield local_postgres.url
+    else:
+        with postgres_container() as url:
+            yield url
 
 
 # --- the services -----------------------------------------------------------------------------

@@ -1,14 +1,22 @@
-"""Real Kafka and PostgreSQL for the tests: from the environment, testcontainers, or local scripts.
+"""Real Kafka 4.x and PostgreSQL for tests and dev tools, with or without Docker.
 
-Order (issue: Foundation): KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL when set; else testcontainers
-when a Docker engine answers; else infra/kafka/kafka.sh and infra/postgres/postgres.sh.
+Without Docker, the one mechanism is the scripts infra/kafka/kafka.sh and infra/postgres/postgres.sh;
+the classes here only call them and add what a crash test needs (SIGKILL, restart on the same port
+and data). With a Docker engine, `kafka_container` / `postgres_container` use testcontainers.
+The fixtures in tests/conftest.py choose: env var, else Docker, else the scripts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,42 +24,136 @@ ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = ROOT / "infra" / "kafka" / "kafka.sh"
 POSTGRES_SH = ROOT / "infra" / "postgres" / "postgres.sh"
 
+KAFKA_IMAGE = "apache/kafka:4.1.1"
+POSTGRES_IMAGE = "postgres:17"
 
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the usual small race applies)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@functools.cache
 def docker_available() -> bool:
+    """True when a docker client reaches an engine within ~2 s (False on the no-Docker dev/CI box)."""
+    if shutil.which("docker") is None:
+        return False
     try:
-        out = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=5)
+        done = subprocess.run(
+            ["docker", "version", "--format", "{{.Server.Version}}"],
+            capture_output=True, text=True, timeout=2,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return out.returncode == 0 and bool(out.stdout.strip())
+    return done.returncode == 0 and bool(done.stdout.strip())
 
 
-def _script(script: Path, *args: str) -> str:
-    done = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=600)
+def _script(script: Path, *args: str, timeout: float = 600) -> str:
+    """Run one of the infra scripts; return the last line it printed on stdout (its result)."""
+    done = subprocess.run(
+        ["bash", str(script), *args], capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None if no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a SIGKILLed process stays one until its parent reaps it)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _wait_gone(pids: list[int], timeout: float = 30) -> None:
+    """Wait until the processes are reaped, not just dead: PostgreSQL and kafka.sh read a pid that
+    still exists as a zombie as a server still running. Our own children we reap ourselves; the
+    servers are orphans (their starter script exited), reaped by init a moment later."""
+    deadline = time.monotonic() + timeout
+    while pending := [p for p in pids if _stat(p) is not None]:
+        for p in pending:
+            stat = _stat(p)
+            if stat is not None and stat[0] == "Z" and int(stat[1]) == os.getpid():
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(p, os.WNOHANG)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes {pending} not gone {timeout}s after SIGKILL")
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        stat = _stat(int(proc.name))
+        if stat is not None and int(stat[1]) == pid:
+            kids.append(int(proc.name))
+    return kids
 
 
 @dataclass
 class LocalKafka:
+    """A single-node KRaft broker run by infra/kafka/kafka.sh; its directory keeps data and ports."""
+
     directory: Path
     bootstrap: str = ""
 
     def start(self) -> LocalKafka:
+        """Start (or restart after stop/kill) on the directory's port; returns when it answers."""
         self.bootstrap = _script(KAFKA_SH, "start", "--dir", str(self.directory))
         return self
 
     def stop(self) -> None:
-        _script_quiet(KAFKA_SH, "stop", "--dir", str(self.directory))
+        """Clean shutdown (SIGTERM; SIGKILL after 30 s). A no-op when not running."""
+        _script(KAFKA_SH, "stop", "--dir", str(self.directory), timeout=120)
 
     def kill(self) -> None:
-        """SIGKILL the broker: what a crash looks like. `start` brings it back, same port and data."""
-        pid = (self.directory / "kafka.pid").read_text().strip()
-        os.kill(int(pid), signal.SIGKILL)
+        """SIGKILL the broker, as a crash would; returns once it is gone. `restart()` brings it back."""
+        pid = self.pid
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone([pid])
+
+    def restart(self) -> LocalKafka:
+        """Stop if running, start again: same port, same data."""
+        self.stop()
+        return self.start()
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            pid = int((self.directory / "kafka.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+def start_kafka(data_dir: Path | str) -> LocalKafka:
+    return LocalKafka(Path(data_dir)).start()
 
 
 @dataclass
 class LocalPostgres:
+    """A PostgreSQL cluster run by infra/postgres/postgres.sh (as user postgres when we are root).
+
+    Its directory must be reachable by that user: as root, use a directory under /tmp rather than
+    pytest's tmp_path (which sits in a root-only 0700 parent).
+    """
+
     directory: Path
     url: str = ""
 
@@ -60,8 +162,119 @@ class LocalPostgres:
         return self
 
     def stop(self) -> None:
-        _script_quiet(POSTGRES_SH, "stop", "--dir", str(self.directory))
+        _script(POSTGRES_SH, "stop", "--dir", str(self.directory), timeout=120)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every backend, as a crash of the server would.
+
+        Backends are in their own process groups (PostgreSQL setsid()s them), so they are found by
+        parent pid. `restart()` then runs crash recovery on the same data and port.
+        """
+        pid = self.pid
+        if pid is None:
+            return
+        victims = [pid, *_children(pid)]
+        for p in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        _wait_gone(victims)
+
+    def restart(self) -> LocalPostgres:
+        self.stop()
+        return self.start()
+
+    def create_database(self, name: str) -> str:
+        return create_database(self.url, name)
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            pid = int((self.directory / "data" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _alive(pid) else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
 
 
-def _script_quiet(script: Path, *args: str) -> None:
-    subprocess.run(["bash", str(script), *args], capture_output=True, timeout=120)
+def start_postgres(data_dir: Path | str) -> LocalPostgres:
+    return LocalPostgres(Path(data_dir)).start()
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """Create database `name` (if missing) on the server of `admin_url`; return its URL.
+
+    Works for any of the three sources (env, Docker, local), hence plain psycopg, not the script.
+    """
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url)
+    libpq = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        exists = conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+# --- Docker (testcontainers), only where an engine answers -------------------------------------
+
+
+@contextlib.contextmanager
+def kafka_container(image: str = KAFKA_IMAGE) -> Iterator[str]:
+    """apache/kafka (KRaft) in a container; yields its bootstrap address.
+
+    testcontainers' KafkaContainer is written for Confluent's image, so this drives apache/kafka
+    directly, with the same trick: the container waits for its advertised listener (which needs
+    the mapped host port, known only after start), then runs the image's own entry point.
+    """
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    env = {
+        "CLUSTER_ID": "4L6g3nShT-eMCtK--X86sw",
+        "KAFKA_NODE_ID": "1",
+        "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_LISTENERS": "PLAINTEXT://0.0.0.0:9092,BROKER://0.0.0.0:9093,CONTROLLER://0.0.0.0:9094",
+        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "PLAINTEXT:PLAINTEXT,BROKER:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "KAFKA_INTER_BROKER_LISTENER_NAME": "BROKER",
+        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:9094",
+        "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_OFFSETS_TOPIC_NUM_PARTITIONS": "10",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR": "1",
+        "KAFKA_MIN_INSYNC_REPLICAS": "1",
+        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+    }
+    flag = "/tmp/advertised"
+    container = DockerContainer(image).with_exposed_ports(9092)
+    for key, value in env.items():
+        container = container.with_env(key, value)
+    container = container.with_command(
+        ["bash", "-c", f'while [ ! -s {flag} ]; do sleep 0.1; done; '
+                       f'export KAFKA_ADVERTISED_LISTENERS="$(cat {flag})"; exec /etc/kafka/docker/run']
+    )
+    with container:
+        host = container.get_container_host_ip()
+        port = int(container.get_exposed_port(9092))
+        advertised = f"PLAINTEXT://{host}:{port},BROKER://localhost:9093"
+        container.get_wrapped_container().exec_run(["bash", "-c", f"echo '{advertised}' > {flag}"])
+        wait_for_logs(container, "Kafka Server started", timeout=120)
+        yield f"{host}:{port}"
+
+
+@contextlib.contextmanager
+def postgres_container(image: str = POSTGRES_IMAGE) -> Iterator[str]:
+    """PostgreSQL in a container; yields a postgresql+psycopg:// URL whose user may create databases."""
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer(image, driver="psycopg") as pg:
+        yield pg.get_connection_url()

@@ -149,6 +149,10 @@ offsets.topic.num.partitions=10
 transaction.state.log.num.partitions=10
 # Tests start consumers at once; the default 3 s delay only slows the first rebalance.
 group.initial.rebalance.delay.ms=0
+# After a kill -9 the restarted broker can't register until its old session expires (default 9 s):
+# a short session makes crash-and-restart tests quick. Heartbeats are in-process, so cheap.
+broker.session.timeout.ms=4000
+broker.heartbeat.interval.ms=500
 log.segment.bytes=16777216
 log.retention.hours=24
 num.network.threads=2
