@@ -21,11 +21,9 @@ import psycopg
 import pytest
 
 from tests.partner import PartnerClient, TopicWatcher
-from tests.test_batch_lifecycle_e2e import Programme, batch_view, uid
+from tests.test_batch_lifecycle_e2e import Programme, batch_view, fetch_row, uid, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-T = TypeVar("T")
 
 OWNER = "nhn-cloud"
 OTHER_PARTNER = "kakao"
@@ -37,27 +35,6 @@ LICENSING = "bis-liaison"
 
 UNIT_PRICE = "50000000"  # KRW; the default batch of 8 units costs 400,000,000 KRW
 AWARD_TOTAL = 400_000_000
-
-PATIENCE = 60.0  # seconds a service or the ledger may take to catch up
-
-
-async def until(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
-    """Poll `probe` until it returns something other than None (the ledger and the services lag)."""
-    deadline = asyncio.get_running_loop().time() + PATIENCE
-    while True:
-        got = await probe()
-        if got is not None:
-            return got
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
-async def fetch_row(url: str, sql: LiteralString, *params: object) -> tuple[Any, ...] | None:
-    """One row from a service's own database (read only: to know what it has stored)."""
-    async with await psycopg.AsyncConnection.connect(url) as conn:
-        cur = await conn.execute(sql, params)
-        return await cur.fetchone()
 
 
 class Case(Programme):
@@ -73,9 +50,8 @@ class Case(Programme):
         *,
         quantity: int = 8,
     ) -> None:
-        super().__init__(partner, outcomes, model="B200", quantity=quantity)
+        super().__init__(partner, outcomes, model="B200", quantity=quantity, db=database_urls)
         self.api = api
-        self.db = database_urls
 
     # --- outcomes ---------------------------------------------------------------------------
 
@@ -102,11 +78,22 @@ class Case(Programme):
     async def pledge(self, amount: str) -> str:
         """Commit a capital pledge earmarked for the batch; return once quotes counts it."""
         pledge_id = uid("P")
-        await self.accepted(await self.p.publish(OWNER, "pledge.committed.v1", {
-            "pledge_id": pledge_id, "partner_id": OWNER, "program_id": self.program, "kind": "capital",
-            "capital": {"amount": amount, "currency": "KRW"}, "earmark_batch_id": self.batch,
-            "committed_at": "2025-03-01T00:00:00Z", "due_by": "2025-12-31",
-        }))
+        await self.accepted(
+            await self.p.publish(
+                OWNER,
+                "pledge.committed.v1",
+                {
+                    "pledge_id": pledge_id,
+                    "partner_id": OWNER,
+                    "program_id": self.program,
+                    "kind": "capital",
+                    "capital": {"amount": amount, "currency": "KRW"},
+                    "earmark_batch_id": self.batch,
+                    "committed_at": "2025-03-01T00:00:00Z",
+                    "due_by": "2025-12-31",
+                },
+            )
+        )
         await until(
             lambda: fetch_row(self.db["quotes"], "SELECT 1 FROM quotes_earmarks WHERE pledge_id = %s", pledge_id),
             f"quotes to hold the earmark of {pledge_id}",
@@ -126,21 +113,14 @@ class Case(Programme):
         return str(quote["quote_id"])
 
     async def send_award(self, quote_id: str) -> str:
-        return await self.p.publish("nipa", "quote.awarded.v1", {
-            "batch_id": self.batch, "quote_id": quote_id, "awarded_at": "2025-06-02T10:00:00Z",
-        })
-
-    async def deliveries_see(self, export_status: str) -> None:
-        """Wait until deliveries holds the award and this export status for the batch."""
-        await until(
-            lambda: fetch_row(
-                self.db["deliveries"],
-                "SELECT 1 FROM delivery_batches WHERE batch_id = %s AND awarded_quantity IS NOT NULL "
-                "AND export_status = %s",
-                self.batch,
-                export_status,
-            ),
-            f"deliveries to see batch {self.batch} {export_status}",
+        return await self.p.publish(
+            "nipa",
+            "quote.awarded.v1",
+            {
+                "batch_id": self.batch,
+                "quote_id": quote_id,
+                "awarded_at": "2025-06-02T10:00:00Z",
+            },
         )
 
     async def awarded(self, export_status: str = "cleared", **end_user: str) -> str:
@@ -158,29 +138,58 @@ class Case(Programme):
     # --- logistics and the site -------------------------------------------------------------
 
     async def send_dispatch(self, shipment: str, serials: Sequence[str], batch: str | None = None) -> str:
-        return await self.p.publish(LOGISTICS, "shipment.dispatched.v1", {
-            "shipment_id": shipment, "batch_id": batch or self.batch, "carrier": "KAL Cargo", "serials": list(serials),
-            "origin_country": "US", "route": ["JP"], "dispatched_at": "2025-07-01T00:00:00Z",
-        })
+        return await self.p.publish(
+            LOGISTICS,
+            "shipment.dispatched.v1",
+            {
+                "shipment_id": shipment,
+                "batch_id": batch or self.batch,
+                "carrier": "KAL Cargo",
+                "serials": list(serials),
+                "origin_country": "US",
+                "route": ["JP"],
+                "dispatched_at": "2025-07-01T00:00:00Z",
+            },
+        )
 
     async def send_receipt(self, shipment: str, received: Sequence[str], damaged: Sequence[str] = ()) -> str:
-        return await self.p.publish(SITE, "shipment.received.v1", {
-            "shipment_id": shipment, "batch_id": self.batch, "site_id": "haenam-1", "received_serials": list(received),
-            "damaged_serials": list(damaged), "received_at": "2025-07-05T00:00:00Z",
-        })
+        return await self.p.publish(
+            SITE,
+            "shipment.received.v1",
+            {
+                "shipment_id": shipment,
+                "batch_id": self.batch,
+                "site_id": "haenam-1",
+                "received_serials": list(received),
+                "damaged_serials": list(damaged),
+                "received_at": "2025-07-05T00:00:00Z",
+            },
+        )
 
     async def send_installation(self, serials: Sequence[str]) -> str:
-        return await self.p.publish(SITE, "batch.installed.v1", {
-            "batch_id": self.batch, "site_id": "haenam-1",
-            "placements": [{"serial": s, "rack": "R07", "slot": str(i)} for i, s in enumerate(serials)],
-            "installed_at": "2025-07-10T00:00:00Z",
-        })
+        return await self.p.publish(
+            SITE,
+            "batch.installed.v1",
+            {
+                "batch_id": self.batch,
+                "site_id": "haenam-1",
+                "placements": [{"serial": s, "rack": "R07", "slot": str(i)} for i, s in enumerate(serials)],
+                "installed_at": "2025-07-10T00:00:00Z",
+            },
+        )
 
     async def send_acceptance(self, passed: Sequence[str], failed: Sequence[str] = ()) -> str:
-        return await self.p.publish(SITE, "batch.accepted.v1", {
-            "batch_id": self.batch, "passed_serials": list(passed), "failed_serials": list(failed),
-            "accepted_at": "2025-07-20T00:00:00Z", "report_uri": "https://example.invalid/acceptance.pdf",
-        })
+        return await self.p.publish(
+            SITE,
+            "batch.accepted.v1",
+            {
+                "batch_id": self.batch,
+                "passed_serials": list(passed),
+                "failed_serials": list(failed),
+                "accepted_at": "2025-07-20T00:00:00Z",
+                "report_uri": "https://example.invalid/acceptance.pdf",
+            },
+        )
 
     async def delivered(self, serials: Sequence[str], damaged: Sequence[str] = ()) -> str:
         """Dispatch and receive `serials` in one shipment; return the shipment id."""
@@ -205,15 +214,23 @@ def case(
 
 def capital(pledge_id: str, amount: str, currency: str = "KRW") -> dict[str, Any]:
     return {
-        "pledge_id": pledge_id, "partner_id": OWNER, "program_id": uid("prog"), "kind": "capital",
+        "pledge_id": pledge_id,
+        "partner_id": OWNER,
+        "program_id": uid("prog"),
+        "kind": "capital",
         "capital": {"amount": amount, "currency": currency},
-        "committed_at": "2025-03-01T09:00:00Z", "due_by": "2025-12-31",
+        "committed_at": "2025-03-01T09:00:00Z",
+        "due_by": "2025-12-31",
     }
 
 
 def disbursement(pledge_id: str, amount: str) -> dict[str, Any]:
-    return {"pledge_id": pledge_id, "partner_id": OWNER, "amount": {"amount": amount, "currency": "KRW"},
-            "reference": uid("TR")}
+    return {
+        "pledge_id": pledge_id,
+        "partner_id": OWNER,
+        "amount": {"amount": amount, "currency": "KRW"},
+        "reference": uid("TR"),
+    }
 
 
 async def pledge_view(api: httpx.AsyncClient, pledge_id: str, until_version: int) -> dict[str, Any]:
@@ -234,8 +251,9 @@ async def test_pledged_amount_must_be_positive(case: Callable[..., Case], partne
 
 async def test_pledged_currency_must_be_known(case: Callable[..., Case], partner: PartnerClient) -> None:
     g, pledge = case(), uid("P")
-    await g.rejected(await partner.publish(OWNER, "pledge.committed.v1", capital(pledge, "1000", "XYZ")),
-                     "CURRENCY_UNKNOWN")
+    await g.rejected(
+        await partner.publish(OWNER, "pledge.committed.v1", capital(pledge, "1000", "XYZ")), "CURRENCY_UNKNOWN"
+    )
     await g.accepted(await partner.publish(OWNER, "pledge.committed.v1", capital(pledge, "1000", "KRW")))
 
 
@@ -245,10 +263,19 @@ async def test_only_the_owner_amends_a_pledge(
     g, pledge = case(), uid("P")
     await g.accepted(await partner.publish(OWNER, "pledge.committed.v1", capital(pledge, "1000")))
     # Kakao, speaking as itself (a valid identity), amends nhn-cloud's pledge down to 1 KRW.
-    await g.rejected(await partner.publish(OTHER_PARTNER, "pledge.amended.v1", {
-        "pledge_id": pledge, "partner_id": OTHER_PARTNER, "capital": {"amount": "1", "currency": "KRW"},
-        "reason": "not mine to change",
-    }), "NOT_AUTHORIZED")
+    await g.rejected(
+        await partner.publish(
+            OTHER_PARTNER,
+            "pledge.amended.v1",
+            {
+                "pledge_id": pledge,
+                "partner_id": OTHER_PARTNER,
+                "capital": {"amount": "1", "currency": "KRW"},
+                "reason": "not mine to change",
+            },
+        ),
+        "NOT_AUTHORIZED",
+    )
     # Still 1000: the owner disburses all of it.
     await g.accepted(await partner.publish(OWNER, "pledge.disbursed.v1", disbursement(pledge, "1000")))
     doc = await pledge_view(api, pledge, until_version=2)
@@ -262,8 +289,9 @@ async def test_disbursed_never_exceeds_pledged(
     g, pledge = case(), uid("P")
     await g.accepted(await partner.publish(OWNER, "pledge.committed.v1", capital(pledge, "1000")))
     await g.accepted(await partner.publish(OWNER, "pledge.disbursed.v1", disbursement(pledge, "600")))
-    await g.rejected(await partner.publish(OWNER, "pledge.disbursed.v1", disbursement(pledge, "401")),
-                     "DISBURSEMENT_EXCEEDS_PLEDGE")
+    await g.rejected(
+        await partner.publish(OWNER, "pledge.disbursed.v1", disbursement(pledge, "401")), "DISBURSEMENT_EXCEEDS_PLEDGE"
+    )
     # Exactly the remainder is accepted: the rejected 401 was not counted.
     await g.accepted(await partner.publish(OWNER, "pledge.disbursed.v1", disbursement(pledge, "400")))
     doc = await pledge_view(api, pledge, until_version=3)
@@ -307,8 +335,9 @@ async def test_only_its_vendor_withdraws_a_quote(case: Callable[..., Case], part
     def withdrawal(vendor: str) -> dict[str, Any]:
         return {"quote_id": quote, "batch_id": g.batch, "vendor_id": vendor, "reason": "price changed"}
 
-    await g.rejected(await partner.publish(OTHER_VENDOR, "quote.withdrawn.v1", withdrawal(OTHER_VENDOR)),
-                     "NOT_AUTHORIZED")
+    await g.rejected(
+        await partner.publish(OTHER_VENDOR, "quote.withdrawn.v1", withdrawal(OTHER_VENDOR)), "NOT_AUTHORIZED"
+    )
     # Still open: its own vendor withdraws it (a withdrawn quote would be QUOTE_NOT_OPEN).
     await g.accepted(await partner.publish(VENDOR, "quote.withdrawn.v1", withdrawal(VENDOR)))
 
@@ -319,9 +348,18 @@ async def test_a_withdrawn_quote_is_not_awarded(case: Callable[..., Case], partn
     await g.request()
     withdrawn = await g.submit_offer(VENDOR)
     standing = await g.submit_offer(OTHER_VENDOR)
-    await g.accepted(await partner.publish(VENDOR, "quote.withdrawn.v1", {
-        "quote_id": withdrawn, "batch_id": g.batch, "vendor_id": VENDOR, "reason": "capacity sold",
-    }))
+    await g.accepted(
+        await partner.publish(
+            VENDOR,
+            "quote.withdrawn.v1",
+            {
+                "quote_id": withdrawn,
+                "batch_id": g.batch,
+                "vendor_id": VENDOR,
+                "reason": "capacity sold",
+            },
+        )
+    )
     await g.rejected(await g.send_award(withdrawn), "QUOTE_NOT_OPEN")
     # The batch is still open for award.
     await g.accepted(await g.send_award(standing))
@@ -361,7 +399,9 @@ async def test_an_award_beyond_earmarked_funding_is_refused_and_flagged(case: Ca
     [flag] = await g.anomalies("FUNDING_SHORTFALL")
     assert flag["details"]["quote_id"] == quote
     assert (flag["details"]["required"], flag["details"]["earmarked"], flag["details"]["shortfall"]) == (
-        str(AWARD_TOTAL), str(AWARD_TOTAL - 1), "1"
+        str(AWARD_TOTAL),
+        str(AWARD_TOTAL - 1),
+        "1",
     )
     # The missing 1 KRW is pledged and the same award is sent again: the quote was still open.
     await g.pledge("1")
@@ -390,9 +430,18 @@ async def test_a_dispatch_before_export_clearance_is_refused_and_flagged(
     [violation] = await g.anomalies("EXPORT_VIOLATION")
     assert violation["details"]["shipment_id"] == shipment
     assert violation["details"]["export_status"] == "license_required"
-    await g.accepted(await partner.publish(LICENSING, "license.granted.v1", {
-        "batch_id": g.batch, "license_number": uid("D"), "quantity": g.quantity, "valid_until": "2027-06-30",
-    }))
+    await g.accepted(
+        await partner.publish(
+            LICENSING,
+            "license.granted.v1",
+            {
+                "batch_id": g.batch,
+                "license_number": uid("D"),
+                "quantity": g.quantity,
+                "valid_until": "2027-06-30",
+            },
+        )
+    )
     await g.deliveries_see("licensed")
     # Once licensed, the very same shipment goes: the refused one was not recorded.
     await g.accepted(await g.send_dispatch(shipment, serials))
@@ -468,9 +517,19 @@ async def test_a_licence_for_a_batch_that_needs_none_is_refused(
 ) -> None:
     g = case()
     await g.awarded("cleared")
-    await g.rejected(await partner.publish(LICENSING, "license.granted.v1", {
-        "batch_id": g.batch, "license_number": uid("D"), "quantity": 2, "valid_until": "2027-06-30",
-    }), "LICENSE_NOT_REQUIRED")
+    await g.rejected(
+        await partner.publish(
+            LICENSING,
+            "license.granted.v1",
+            {
+                "batch_id": g.batch,
+                "license_number": uid("D"),
+                "quantity": 2,
+                "valid_until": "2027-06-30",
+            },
+        ),
+        "LICENSE_NOT_REQUIRED",
+    )
     # The case is as it was (cleared for the whole award, no licence), and all 8 units ship,
     # not only the 2 the licence named.
     row = await fetch_row(
@@ -495,6 +554,16 @@ async def test_an_end_user_on_the_entity_list_is_denied_export(
     assert denial["service"] == "export_controls"
     assert "EL-HUAWEI" in json.dumps(denial)
     # A denial is final: no licence reopens it.
-    await g.rejected(await partner.publish(LICENSING, "license.granted.v1", {
-        "batch_id": g.batch, "license_number": uid("D"), "quantity": g.quantity, "valid_until": "2027-06-30",
-    }), "EXPORT_DENIED")
+    await g.rejected(
+        await partner.publish(
+            LICENSING,
+            "license.granted.v1",
+            {
+                "batch_id": g.batch,
+                "license_number": uid("D"),
+                "quantity": g.quantity,
+                "valid_until": "2027-06-30",
+            },
+        ),
+        "EXPORT_DENIED",
+    )
