@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from services.ledger.api import router
 from services.ledger.appender import Appender
 from services.ledger.auth import load_tokens
+from services.ledger.dashboard import router as dashboard_router
 from services.ledger.log import LOG_TABLES, install_append_only_guards
 from services.ledger.log_api import log_router
 from services.ledger.projections import PROJECTION_TABLES
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
     app.state.tokens = load_tokens(settings.api_tokens)
     app.include_router(router)
     app.include_router(log_router)
+    app.include_router(dashboard_router)
     return app
 
 

@@ -1,0 +1,5 @@
+"""The dashboard for people (design.md §6), served by the ledger at `/`."""
+
+from services.ledger.dashboard.router import router
+
+__all__ = ["router"]
