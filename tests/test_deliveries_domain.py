@@ -158,8 +158,10 @@ def test_export_case_keeps_the_latest_of_equal_rank() -> None:
 # --- dispatched ---------------------------------------------------------------------------
 
 
-def test_dispatch_of_an_unknown_batch() -> None:
-    broken(ReasonCode.UNKNOWN_BATCH, domain.dispatch, None, False, {}, dispatched(["A"]))
+def test_dispatch_of_an_unknown_batch_is_refused_and_flagged() -> None:
+    err = broken(ReasonCode.UNKNOWN_BATCH, domain.dispatch, None, False, {}, dispatched(["A"]))
+    # Shipped for a batch nobody awarded: shipped without export clearance, which auditors must see.
+    assert [a["code"] for a in err.anomalies] == ["EXPORT_VIOLATION"]
 
 
 def test_dispatch_of_a_batch_with_an_export_case_but_no_award() -> None:

@@ -411,11 +411,20 @@ async def test_an_award_beyond_earmarked_funding_is_refused_and_flagged(case: Ca
 # --- deliveries ---------------------------------------------------------------------------------
 
 
-async def test_a_dispatch_for_an_unknown_batch_is_refused(case: Callable[..., Case]) -> None:
+async def test_a_dispatch_for_an_unknown_batch_is_refused_and_flagged(
+    case: Callable[..., Case], api: httpx.AsyncClient
+) -> None:
     g = case()
     await g.awarded()
-    shipment, serials = uid("S"), g.serials(0, 4)
-    await g.rejected(await g.send_dispatch(shipment, serials, batch=uid("B-unknown")), "UNKNOWN_BATCH")
+    shipment, serials, unknown = uid("S"), g.serials(0, 4), uid("B-unknown")
+    await g.rejected(await g.send_dispatch(shipment, serials, batch=unknown), "UNKNOWN_BATCH")
+    # Shipped for a batch nobody awarded, so without export clearance: auditors see it.
+
+    async def flagged() -> list[dict[str, Any]] | None:
+        r = await api.get("/v1/anomalies", params={"batch_id": unknown, "code": "EXPORT_VIOLATION"})
+        return r.raise_for_status().json()["items"] or None
+
+    await until(flagged, f"an EXPORT_VIOLATION for {unknown}")
     # Neither the shipment nor its serials were recorded: both ship for the real batch.
     await g.accepted(await g.send_dispatch(shipment, serials))
 

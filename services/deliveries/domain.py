@@ -221,8 +221,18 @@ def _cleared_limit(batch: Batch, awarded: int) -> int:
 
 def dispatch(batch: Batch | None, shipment_exists: bool, known: Known, e: ShipmentDispatched) -> Dispatched:
     """`known` holds those of the event's serials the programme has already seen, in any batch."""
-    b = known_batch(batch, e.batch_id)
     n = len(e.serials)
+    if batch is None or batch.awarded_quantity is None:
+        # Goods shipped for a batch nobody awarded were shipped without export clearance too.
+        violation = anomaly(
+            "EXPORT_VIOLATION",
+            f"dispatch of {n} units for batch {e.batch_id!r}, which has no award and no export clearance",
+            e.batch_id,
+            shipment_id=e.shipment_id,
+            export_status="none",
+        )
+        raise RuleBroken(ReasonCode.UNKNOWN_BATCH, f"no awarded batch {e.batch_id!r}", [violation])
+    b = batch
     if b.export_status not in CLEARED_STATUSES:
         status = b.export_status or "none"
         code = ReasonCode.EXPORT_DENIED if status in DENIED_STATUSES else ReasonCode.EXPORT_NOT_CLEARED
