@@ -17,6 +17,7 @@ from shared.settings import Settings
 app = typer.Typer(help="gputrace: trace the national GPU programme from pledge to acceptance.", no_args_is_help=True)
 keys_app = typer.Typer(help="Party keys, the party registry, API tokens and the ledger key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.command("docs")(importlib.import_module("shared.docs").docs_command)
 app.add_typer(audit_app, name="audit")
 console = Console()
 

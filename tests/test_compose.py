@@ -1,0 +1,169 @@
+"""docker-compose.yml and infra/Dockerfile agree with the code, checked without a Docker engine.
+
+A compose file is only exercised when someone runs it; these tests catch what would break
+there: a service module renamed, a setting misspelt in the environment, a dependency on a
+service that has no healthcheck, a missing volume or COPY source.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shared.contract import SERVICES
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES_YML: dict[str, dict[str, Any]] = COMPOSE["services"]
+DOCKERFILE = ROOT / "infra" / "Dockerfile"
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, str]:
+    deps = service.get("depends_on", {})
+    if isinstance(deps, list):  # short form: no condition, i.e. service_started
+        return dict.fromkeys(deps, "service_started")
+    return {name: spec["condition"] for name, spec in deps.items()}
+
+
+ONE_SHOT = {
+    dep
+    for s in SERVICES_YML.values()
+    for dep, cond in _depends_on(s).items()
+    if cond == "service_completed_successfully"
+}
+LONG_RUNNING = sorted(set(SERVICES_YML) - ONE_SHOT)
+# The services built from our image, i.e. gputrace processes (the rest are Kafka and PostgreSQL).
+OURS = sorted(name for name, s in SERVICES_YML.items() if "build" in s)
+
+
+def _module(command: list[str] | str) -> str | None:
+    argv = shlex.split(command) if isinstance(command, str) else command
+    return argv[argv.index("-m") + 1] if "-m" in argv else None
+
+
+def test_every_service_has_an_image_or_a_build() -> None:
+    for name, service in SERVICES_YML.items():
+        assert "image" in service or "build" in service, name
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_services_have_a_healthcheck(name: str) -> None:
+    check = SERVICES_YML[name].get("healthcheck")
+    assert check and check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
+
+
+def test_one_shot_jobs_are_not_restarted() -> None:
+    assert ONE_SHOT, "expected the keys and topics jobs"
+    for name in ONE_SHOT:
+        assert str(SERVICES_YML[name].get("restart", "no")) in {"no", "False", "false"}, name
+
+
+def test_depends_on_names_existing_services_with_a_condition_they_can_meet() -> None:
+    for name, service in SERVICES_YML.items():
+        for dep, condition in _depends_on(service).items():
+            assert dep in SERVICES_YML, f"{name} depends on unknown service {dep}"
+            assert condition in CONDITIONS, f"{name} -> {dep}: unknown condition {condition}"
+            if condition == "service_healthy":
+                assert "healthcheck" in SERVICES_YML[dep], f"{name} waits for {dep} to be healthy; it has no check"
+
+
+def test_every_gputrace_service_is_composed() -> None:
+    modules = {_module(SERVICES_YML[n].get("command", [])) for n in OURS}
+    for service in (*SERVICES, "ledger"):
+        assert f"services.{service}" in modules, f"no compose service runs services.{service}"
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_command_names_a_module_that_exists(name: str) -> None:
+    command = SERVICES_YML[name].get("command")
+    assert command, f"{name} has no command"
+    module = _module(command)
+    if module is None:  # the `gputrace` CLI itself
+        assert (command if isinstance(command, list) else shlex.split(command))[0] == "gputrace", name
+        return
+    spec = importlib.util.find_spec(module)
+    assert spec is not None, f"{name}: no module {module}"
+    if spec.submodule_search_locations is not None:  # a package runs its __main__
+        assert importlib.util.find_spec(f"{module}.__main__") is not None, f"{name}: {module} has no __main__"
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_environment_names_known_settings(name: str) -> None:
+    env = SERVICES_YML[name].get("environment", {})
+    names = [e.split("=", 1)[0] for e in env] if isinstance(env, list) else list(env)
+    unknown = [n for n in names if n.lower() not in Settings.model_fields]
+    assert not unknown, f"{name} sets {unknown}, which no Settings field reads (shared/settings.py)"
+
+
+def test_each_service_has_its_own_database_created_by_the_init_script() -> None:
+    created = set(SERVICES_YML["postgres"]["environment"]["GPUTRACE_DATABASES"].split())
+    seen: set[str] = set()
+    for name in OURS:
+        url = SERVICES_YML[name].get("environment", {}).get("DATABASE_URL")
+        if url is None:
+            continue
+        database = url.rsplit("/", 1)[1]
+        assert database in created, f"{name} uses {database}, which postgres-init.sh is not told to create"
+        assert database not in seen, f"{database} is shared; each service has its own database"
+        seen.add(database)
+    assert len(seen) == len(SERVICES) + 1
+
+
+def test_kafka_is_kraft_4_without_auto_topic_creation() -> None:
+    kafka = SERVICES_YML["kafka"]
+    assert re.fullmatch(r"apache/kafka:4\.\d+\.\d+", kafka["image"]), kafka["image"]
+    env = kafka["environment"]
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    internal = next(a for a in env["KAFKA_ADVERTISED_LISTENERS"].split(",") if a.startswith("INTERNAL://"))
+    for name in OURS:
+        servers = SERVICES_YML[name].get("environment", {}).get("KAFKA_BOOTSTRAP_SERVERS")
+        assert servers in (None, internal.removeprefix("INTERNAL://")), f"{name} does not use the compose listener"
+
+
+def _volume_sources(service: dict[str, Any]) -> list[str]:
+    sources = []
+    for volume in service.get("volumes", []):
+        source = volume["source"] if isinstance(volume, dict) else volume.split(":", 1)[0]
+        sources.append(source)
+    return sources
+
+
+def test_volumes_are_declared_and_bind_mounts_exist() -> None:
+    declared = set(COMPOSE.get("volumes") or {})
+    used = set()
+    for name, service in SERVICES_YML.items():
+        for source in _volume_sources(service):
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in declared, f"{name} uses undeclared volume {source}"
+                used.add(source)
+    assert declared == used, f"declared but unused volumes: {sorted(declared - used)}"
+
+
+def test_dockerfile_copies_what_exists_and_runs_as_non_root() -> None:
+    for name in OURS:
+        build = SERVICES_YML[name]["build"]
+        context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
+        dockerfile = context / (build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile")
+        assert dockerfile.resolve() == DOCKERFILE, f"{name} is not built from infra/Dockerfile"
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    copies = [shlex.split(line)[1:] for line in lines if line.upper().startswith("COPY ")]
+    assert copies, "the Dockerfile copies nothing"
+    for args in copies:
+        if any(a.startswith("--from") for a in args):
+            continue  # from another stage, not the build context
+        for source in [a for a in args if not a.startswith("--")][:-1]:
+            assert (ROOT / source).exists(), f"COPY source {source} does not exist"
+    users = [line.split()[1] for line in lines if line.upper().startswith("USER ")]
+    assert users and users[-1] not in {"root", "0"}, "the image must run as a non-root user"
+    assert any(line.upper().startswith("FROM PYTHON:3.11") for line in lines)
