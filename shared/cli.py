@@ -209,5 +209,7 @@ def run(
         console.print("stopped.")
 
 
+app.command("demo")(importlib.import_module("shared.demo").demo)
+
 if __name__ == "__main__":
     app()

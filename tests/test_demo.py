@@ -1,0 +1,104 @@
+"""`gputrace demo` at a small scale against the session's running system: it exits 0, and the
+ledger's API then shows the programme it published (design.md §1, §6)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.demo import DAMAGED_UNITS, FAILED, FORGED, LICENSED, plan
+from shared.devstack import Stack
+from tests.stack import auditor_headers
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = 0.01
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def demo_run(kafka_bootstrap: str, keys_dir: Path, stack: Stack) -> tuple[str, str, subprocess.CompletedProcess[str]]:
+    program_id, run_id = f"KR-NAICC-TEST-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "demo", "--bootstrap", kafka_bootstrap, "--keys", str(keys_dir),
+         "--api", stack.api_url, "--program-id", program_id, "--scale", str(SCALE), "--seed", str(SEED),
+         "--run-id", run_id, "--timeout", "120"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    return program_id, run_id, done
+
+
+@pytest.fixture(scope="module")
+def ledger(stack: Stack, tokens: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.api_url, headers=auditor_headers(tokens), timeout=30) as client:
+        yield client
+
+
+def get(ledger: httpx.Client, path: str, **params: Any) -> Any:
+    return ledger.get(path, params=params).raise_for_status().json()
+
+
+def test_demo_exits_zero_and_reports(demo_run: tuple[str, str, subprocess.CompletedProcess[str]]) -> None:
+    _, _, done = demo_run
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-6000:]}\nstderr:\n{done.stderr[-4000:]}"
+    out = " ".join(done.stdout.split())
+    assert "SIGNATURE_INVALID" in out, "the forged award's rejection is shown"
+    assert "demo done" in out and "gputrace audit --url" in out and "/docs" in out
+
+
+def test_the_ledger_holds_the_programme(
+    demo_run: tuple[str, str, subprocess.CompletedProcess[str]], ledger: httpx.Client
+) -> None:
+    program_id, run_id, done = demo_run
+    assert done.returncode == 0, done.stdout[-4000:]
+    p = plan(program_id, run_id, SCALE, SEED)
+
+    program = get(ledger, "/v1/program", program_id=program_id)
+    assert program["gpus"] == p.in_kind_gpus() == {"B200": 77 + 24, "H200-SXM": 31}
+    assert program["gpus_total"] == 132
+    assert program["capital"] == {"KRW": str(p.pledged_capital())}, "Kakao's amendment counts"
+    assert program["disbursed"] == {"KRW": str(p.disbursed())}
+
+    listed = get(ledger, "/v1/batches", program_id=program_id, limit=50)
+    assert listed["total"] == len(p.batches) == 5
+    assert {b["batch_id"]: b["status"] for b in listed["items"]} == {b.batch_id: "accepted" for b in p.batches}
+    for b in p.batches:
+        doc = next(i for i in listed["items"] if i["batch_id"] == b.batch_id)
+        assert doc["vendor_id"] == b.winner.vendor, "the cheapest quote wins"
+        assert doc["quantities"]["awarded"] == doc["quantities"]["dispatched"] == b.units
+        assert doc["export"]["rule_version"].startswith("post-rescission")
+
+
+def test_licence_damage_failure_and_forgery_are_on_record(
+    demo_run: tuple[str, str, subprocess.CompletedProcess[str]], ledger: httpx.Client
+) -> None:
+    program_id, run_id, done = demo_run
+    assert done.returncode == 0, done.stdout[-4000:]
+    p = plan(program_id, run_id, SCALE, SEED)
+
+    licensed = get(ledger, f"/v1/batches/{p.batch(LICENSED).batch_id}")
+    assert licensed["export"]["status"] == "licensed" and licensed["export"]["license_number"]
+    assert licensed["export"]["outcome"] == "license_required"
+
+    damaged = p.batch("NHN")
+    q = get(ledger, f"/v1/batches/{damaged.batch_id}")["quantities"]
+    assert (q["received"], q["damaged"]) == (damaged.units, DAMAGED_UNITS)
+    assert q["installed"] == q["accepted"] == damaged.units - DAMAGED_UNITS
+
+    failed = get(ledger, f"/v1/batches/{p.batch(FAILED).batch_id}")["quantities"]
+    assert failed["failed"] == 1 and failed["accepted"] == failed["installed"] - 1
+
+    forged = [s for s in get(ledger, f"/v1/batches/{p.batch(FORGED).batch_id}")["timeline"]
+              if s["reason_code"] == "SIGNATURE_INVALID"]
+    assert [(s["event_type"], s["status"], s["party_id"]) for s in forged] == [
+        ("gputrace.quote.awarded.v1", "rejected", "nipa")
+    ]
+
+    codes = sorted(a["code"] for b in p.batches for a in get(ledger, "/v1/anomalies", batch_id=b.batch_id)["items"])
+    assert codes == ["ACCEPTANCE_FAILED", "DAMAGED_IN_TRANSIT"], "no export violation, no funding shortfall"
