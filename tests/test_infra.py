@@ -100,7 +100,7 @@ async def test_kafka_is_real_kafka_4(kafka_bootstrap: str) -> None:
 
 async def test_kafka_does_not_auto_create_topics(kafka_bootstrap: str) -> None:
     topic = f"infra-unknown-{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, request_timeout_ms=3000)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, request_timeout_ms=1500)
     await producer.start()
     try:
         with pytest.raises((KafkaTimeoutError, UnknownTopicOrPartitionError)):
