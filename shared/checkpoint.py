@@ -74,11 +74,7 @@ class Checkpoint:
         if not isinstance(self.origin, str) or not self.origin:
             raise CheckpointError("checkpoint origin must be a non-empty string")
         _check_line("origin", self.origin)
-        if (
-            isinstance(self.size, bool)
-            or not isinstance(self.size, int)
-            or not 0 <= self.size <= MAX_TREE_SIZE
-        ):
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 0 <= self.size <= MAX_TREE_SIZE:
             raise CheckpointError(f"checkpoint tree size must be an int in [0, 2^64), got {self.size!r}")
         if isinstance(self.root_hash, bytearray | memoryview):  # as database drivers may return
             object.__setattr__(self, "root_hash", bytes(self.root_hash))
@@ -112,9 +108,7 @@ class Checkpoint:
         except binascii.Error:
             raise CheckpointError("bad checkpoint body: root hash is not standard base64") from None
         if len(root) != HASH_SIZE or base64.b64encode(root).decode("ascii") != root_line:
-            raise CheckpointError(
-                f"bad checkpoint body: root hash is not {HASH_SIZE} canonically encoded bytes"
-            )
+            raise CheckpointError(f"bad checkpoint body: root hash is not {HASH_SIZE} canonically encoded bytes")
         try:
             return cls(origin=origin, size=int(size_line), root_hash=root, extensions=tuple(extensions))
         except CheckpointError as e:
@@ -269,9 +263,7 @@ def open_note(note: str | bytes, verifier: Verifier) -> str:
                 raise InvalidSignature
             public_key.verify(signature[4:], message)
         except InvalidSignature:
-            raise CheckpointError(
-                f"bad signature: signature by key {name}+{kid.hex()} does not verify"
-            ) from None
+            raise CheckpointError(f"bad signature: signature by key {name}+{kid.hex()} does not verify") from None
         verified = True
     if not verified:
         seen = ", ".join(f"{n}+{s[:4].hex()}" for n, s in signatures)
@@ -287,9 +279,7 @@ def sign_checkpoint(cp: Checkpoint, name: str, private_key: Ed25519PrivateKey) -
     return sign_note(cp.to_text(), name, private_key)
 
 
-def parse_and_verify(
-    note_text: str | bytes, verifier: Verifier, *, expected_origin: str | None = None
-) -> Checkpoint:
+def parse_and_verify(note_text: str | bytes, verifier: Verifier, *, expected_origin: str | None = None) -> Checkpoint:
     """Verify a signed checkpoint against a trusted key and parse it.
 
     Raises CheckpointError naming what failed: a bad note or body format, no signature by

@@ -58,7 +58,9 @@ def keys_init(
 
 @app.command("topics")
 def topics(
-    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers (default: KAFKA_BOOTSTRAP_SERVERS)")] = None,
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Kafka bootstrap servers (default: KAFKA_BOOTSTRAP_SERVERS)")
+    ] = None,
 ) -> None:
     """Create the project's topics with their declared partition counts."""
     from shared.topics import ensure_topics
@@ -81,10 +83,14 @@ def serve(
 @app.command("publish")
 def publish(
     party: Annotated[str, typer.Argument(help="The sending party's id, e.g. nhn-cloud")],
-    short_type: Annotated[str, typer.Argument(help="Event type without the gputrace. prefix, e.g. pledge.committed.v1")],
+    short_type: Annotated[
+        str, typer.Argument(help="Event type without the gputrace. prefix, e.g. pledge.committed.v1")
+    ],
     data: Annotated[str, typer.Argument(help="The event's data as JSON ('-' reads standard input)")],
     keys: Annotated[Path, typer.Option(help="Directory with <party>.key files")] = Path("var/keys"),
-    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers (default: KAFKA_BOOTSTRAP_SERVERS)")] = None,
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Kafka bootstrap servers (default: KAFKA_BOOTSTRAP_SERVERS)")
+    ] = None,
 ) -> None:
     """Sign an event as PARTY and publish it on its topic, as a partner system would."""
     import sys
@@ -151,9 +157,18 @@ def run(
     if not bootstrap:
         console.print("starting Kafka (first run fetches its jars from Maven Central)...")
         out = subprocess.run(
-            ["bash", str(root / "infra/kafka/kafka.sh"), "start", "--dir", str(var_dir / "kafka"),
-             "--port", str(kafka_port)],
-            check=True, stdout=subprocess.PIPE, text=True,
+            [
+                "bash",
+                str(root / "infra/kafka/kafka.sh"),
+                "start",
+                "--dir",
+                str(var_dir / "kafka"),
+                "--port",
+                str(kafka_port),
+            ],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         bootstrap = out.stdout.strip().splitlines()[-1]
         started_kafka = True
@@ -169,7 +184,9 @@ def run(
             "API_TOKENS": str(keys / "tokens.json"),
         },
         log_dir=var_dir / "logs",
-        database_urls={s: os.environ[f"DATABASE_URL_{s.upper()}"] for s in SERVICES if f"DATABASE_URL_{s.upper()}" in os.environ},
+        database_urls={
+            s: os.environ[f"DATABASE_URL_{s.upper()}"] for s in SERVICES if f"DATABASE_URL_{s.upper()}" in os.environ
+        },
         api_port=api_port,
     )
     stopping = False
@@ -204,8 +221,9 @@ def run(
         stack.stop()
         if started_kafka:
             console.print("stopping Kafka...")
-            subprocess.run(["bash", str(root / "infra/kafka/kafka.sh"), "stop", "--dir", str(var_dir / "kafka")],
-                           check=False)
+            subprocess.run(
+                ["bash", str(root / "infra/kafka/kafka.sh"), "stop", "--dir", str(var_dir / "kafka")], check=False
+            )
         console.print("stopped.")
 
 

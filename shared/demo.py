@@ -115,37 +115,89 @@ def _offers(*rows: tuple[str, int, str, tuple[str, ...], int]) -> tuple[Offer, .
 
 ALLOCATIONS: tuple[Allocation, ...] = (
     Allocation(
-        "NHN", "2025 GPU project: NHN Cloud allocation", "B200", 7656, "nhn-cloud", 550_000_000_000, "NHN Cloud Corp.",
-        _offers(("supermicro-apac", 68_400_000, "US", ("JP",), 75), ("nvidia-partner-kr", 69_100_000, "US", (), 60),
-                ("dell-korea", 70_250_000, "US", ("JP",), 70)),
-        True, "2025-06-16T10:00:00+09:00", "Korean Air Cargo",
+        "NHN",
+        "2025 GPU project: NHN Cloud allocation",
+        "B200",
+        7656,
+        "nhn-cloud",
+        550_000_000_000,
+        "NHN Cloud Corp.",
+        _offers(
+            ("supermicro-apac", 68_400_000, "US", ("JP",), 75),
+            ("nvidia-partner-kr", 69_100_000, "US", (), 60),
+            ("dell-korea", 70_250_000, "US", ("JP",), 70),
+        ),
+        True,
+        "2025-06-16T10:00:00+09:00",
+        "Korean Air Cargo",
     ),
     Allocation(
-        "KAKAO", "2025 GPU project: Kakao allocation", "B200", 2424, "kakao", 170_000_000_000, "Kakao Corp.",
-        _offers(("dell-korea", 68_900_000, "US", (), 65), ("nvidia-partner-kr", 69_300_000, "US", (), 60),
-                ("supermicro-apac", 69_800_000, "US", ("JP",), 80)),
-        True, "2025-06-18T10:00:00+09:00", "Asiana Cargo",
+        "KAKAO",
+        "2025 GPU project: Kakao allocation",
+        "B200",
+        2424,
+        "kakao",
+        170_000_000_000,
+        "Kakao Corp.",
+        _offers(
+            ("dell-korea", 68_900_000, "US", (), 65),
+            ("nvidia-partner-kr", 69_300_000, "US", (), 60),
+            ("supermicro-apac", 69_800_000, "US", ("JP",), 80),
+        ),
+        True,
+        "2025-06-18T10:00:00+09:00",
+        "Asiana Cargo",
     ),
     Allocation(
-        "NAVER", "2025 GPU project: Naver Cloud allocation", "H200-SXM", 3056, "naver-cloud", 150_000_000_000,
+        "NAVER",
+        "2025 GPU project: Naver Cloud allocation",
+        "H200-SXM",
+        3056,
+        "naver-cloud",
+        150_000_000_000,
         "Naver Cloud Corp.",
-        _offers(("nvidia-partner-kr", 47_800_000, "US", (), 45), ("dell-korea", 48_600_000, "US", ("JP",), 50),
-                ("supermicro-apac", 49_100_000, "TW", (), 40)),
-        True, "2025-06-20T10:00:00+09:00", "Korean Air Cargo",
+        _offers(
+            ("nvidia-partner-kr", 47_800_000, "US", (), 45),
+            ("dell-korea", 48_600_000, "US", ("JP",), 50),
+            ("supermicro-apac", 49_100_000, "TW", (), 40),
+        ),
+        True,
+        "2025-06-20T10:00:00+09:00",
+        "Korean Air Cargo",
     ),
     Allocation(
-        "GOV1", "Government use: public research (KDB share of the SPC)", "H200-SXM", 1152, "kdb", 60_000_000_000,
+        "GOV1",
+        "Government use: public research (KDB share of the SPC)",
+        "H200-SXM",
+        1152,
+        "kdb",
+        60_000_000_000,
         "Korea Institute of Science and Technology Information",
-        _offers(("dell-korea", 48_200_000, "US", (), 50), ("nvidia-partner-kr", 48_900_000, "US", (), 45),
-                ("supermicro-apac", 49_400_000, "TW", (), 40)),
-        False, "2025-07-01T10:00:00+09:00", "Korean Air Cargo",
+        _offers(
+            ("dell-korea", 48_200_000, "US", (), 50),
+            ("nvidia-partner-kr", 48_900_000, "US", (), 45),
+            ("supermicro-apac", 49_400_000, "TW", (), 40),
+        ),
+        False,
+        "2025-07-01T10:00:00+09:00",
+        "Korean Air Cargo",
     ),
     Allocation(
-        "GOV2", "Government use: public research (IBK share of the SPC), shipped via Hong Kong", "B200", 800, "ibk",
-        60_000_000_000, "National AI Computing Center",
-        _offers(("supermicro-apac", 69_500_000, "TW", ("HK",), 35), ("nvidia-partner-kr", 70_400_000, "US", (), 60),
-                ("dell-korea", 71_000_000, "US", ("JP",), 70)),
-        False, "2025-07-03T10:00:00+09:00", "Cathay Cargo",
+        "GOV2",
+        "Government use: public research (IBK share of the SPC), shipped via Hong Kong",
+        "B200",
+        800,
+        "ibk",
+        60_000_000_000,
+        "National AI Computing Center",
+        _offers(
+            ("supermicro-apac", 69_500_000, "TW", ("HK",), 35),
+            ("nvidia-partner-kr", 70_400_000, "US", (), 60),
+            ("dell-korea", 71_000_000, "US", ("JP",), 70),
+        ),
+        False,
+        "2025-07-03T10:00:00+09:00",
+        "Cathay Cargo",
     ),
 )
 
@@ -257,8 +309,9 @@ def plan(program_id: str, run_id: str, scale: float = 1.0, seed: int | None = No
     batches = []
     for alloc in ALLOCATIONS:
         units = scaled_units(alloc.units, scale)
-        b = Batch(alloc, f"{program_id}-{alloc.code}-{alloc.model}-{run_id}", units, run_id,
-                  _serials(alloc, units, run_id))
+        b = Batch(
+            alloc, f"{program_id}-{alloc.code}-{alloc.model}-{run_id}", units, run_id, _serials(alloc, units, run_id)
+        )
         if alloc.code == DAMAGED:
             ships = b.shipments()
             b = dataclasses.replace(b, damaged=_pick(rng, ships[min(1, len(ships) - 1)].serials, DAMAGED_UNITS))
@@ -307,51 +360,98 @@ def _krw(amount: Decimal) -> dict[str, str]:
 def pledge_sends(p: Programme) -> tuple[Send, ...]:
     sends = []
     for b in p.batches:
-        base = {"partner_id": b.alloc.funder, "program_id": p.program_id, "committed_at": "2025-03-14T09:00:00+09:00",
-                "due_by": "2025-12-31"}
-        sends.append(Send(b.alloc.funder, "pledge.committed.v1", {
-            **base, "pledge_id": b.pledge_id("CAP"), "kind": "capital", "capital": _krw(b.capital()),
-            "earmark_batch_id": b.batch_id,
-        }))
+        base = {
+            "partner_id": b.alloc.funder,
+            "program_id": p.program_id,
+            "committed_at": "2025-03-14T09:00:00+09:00",
+            "due_by": "2025-12-31",
+        }
+        sends.append(
+            Send(
+                b.alloc.funder,
+                "pledge.committed.v1",
+                {
+                    **base,
+                    "pledge_id": b.pledge_id("CAP"),
+                    "kind": "capital",
+                    "capital": _krw(b.capital()),
+                    "earmark_batch_id": b.batch_id,
+                },
+            )
+        )
         if b.alloc.in_kind:
-            sends.append(Send(b.alloc.funder, "pledge.committed.v1", {
-                **base, "pledge_id": b.pledge_id("GPU"), "kind": "gpus",
-                "gpus": {"model": b.alloc.model, "quantity": b.units},
-            }))
+            sends.append(
+                Send(
+                    b.alloc.funder,
+                    "pledge.committed.v1",
+                    {
+                        **base,
+                        "pledge_id": b.pledge_id("GPU"),
+                        "kind": "gpus",
+                        "gpus": {"model": b.alloc.model, "quantity": b.units},
+                    },
+                )
+            )
     return tuple(sends)
 
 
 def pledge_change_sends(p: Programme) -> tuple[Send, ...]:
     raised, paying = p.batch(AMENDED), p.batch(DISBURSED)
     return (
-        Send(raised.alloc.funder, "pledge.amended.v1", {
-            "pledge_id": raised.pledge_id("CAP"), "partner_id": raised.alloc.funder,
-            "capital": _krw(raised.capital(AMENDED_CAPITAL_KRW)),
-            "reason": "board approved additional financing for the B200 cluster",
-        }),
-        Send(paying.alloc.funder, "pledge.disbursed.v1", {
-            "pledge_id": paying.pledge_id("CAP"), "partner_id": paying.alloc.funder, "amount": _krw(p.disbursed()),
-            "reference": f"{paying.alloc.funder.upper()}-WIRE-2025-0701-{p.run_id}",
-        }),
+        Send(
+            raised.alloc.funder,
+            "pledge.amended.v1",
+            {
+                "pledge_id": raised.pledge_id("CAP"),
+                "partner_id": raised.alloc.funder,
+                "capital": _krw(raised.capital(AMENDED_CAPITAL_KRW)),
+                "reason": "board approved additional financing for the B200 cluster",
+            },
+        ),
+        Send(
+            paying.alloc.funder,
+            "pledge.disbursed.v1",
+            {
+                "pledge_id": paying.pledge_id("CAP"),
+                "partner_id": paying.alloc.funder,
+                "amount": _krw(p.disbursed()),
+                "reference": f"{paying.alloc.funder.upper()}-WIRE-2025-0701-{p.run_id}",
+            },
+        ),
     )
 
 
 def request_sends(p: Programme) -> tuple[Send, ...]:
     return tuple(
-        Send(PROGRAM_OFFICE, "batch.requested.v1", {
-            "batch_id": b.batch_id, "program_id": p.program_id, "model": b.alloc.model, "quantity": b.units,
-            "site_id": SITE_ID, "needed_by": "2025-12-31",
-        })
+        Send(
+            PROGRAM_OFFICE,
+            "batch.requested.v1",
+            {
+                "batch_id": b.batch_id,
+                "program_id": p.program_id,
+                "model": b.alloc.model,
+                "quantity": b.units,
+                "site_id": SITE_ID,
+                "needed_by": "2025-12-31",
+            },
+        )
         for b in p.batches
     )
 
 
 def quote_data(b: Batch, offer: Offer) -> dict[str, Any]:
     return {
-        "quote_id": b.quote_id(offer.vendor), "batch_id": b.batch_id, "vendor_id": offer.vendor,
-        "model": b.alloc.model, "quantity": b.units, "unit_price": _krw(Decimal(offer.unit_price)),
-        "valid_until": "2025-09-30", "lead_time_days": offer.lead_time_days, "origin_country": offer.origin,
-        "route": list(offer.route), "consignee": CENTER,
+        "quote_id": b.quote_id(offer.vendor),
+        "batch_id": b.batch_id,
+        "vendor_id": offer.vendor,
+        "model": b.alloc.model,
+        "quantity": b.units,
+        "unit_price": _krw(Decimal(offer.unit_price)),
+        "valid_until": "2025-09-30",
+        "lead_time_days": offer.lead_time_days,
+        "origin_country": offer.origin,
+        "route": list(offer.route),
+        "consignee": CENTER,
         "end_user": {"name": b.alloc.end_user, "country": "KR", "headquarters_country": "KR"},
     }
 
@@ -367,8 +467,16 @@ def award_data(b: Batch, offer: Offer) -> dict[str, Any]:
 def forged_sends(p: Programme) -> tuple[Send, ...]:
     """The dearest vendor awards itself, claiming to be the programme office, signed with its own key."""
     b = p.batch(FORGED)
-    return (Send(PROGRAM_OFFICE, "quote.awarded.v1", award_data(b, b.dearest), expect="rejected",
-                 reason="SIGNATURE_INVALID", sign_as=b.dearest.vendor),)
+    return (
+        Send(
+            PROGRAM_OFFICE,
+            "quote.awarded.v1",
+            award_data(b, b.dearest),
+            expect="rejected",
+            reason="SIGNATURE_INVALID",
+            sign_as=b.dearest.vendor,
+        ),
+    )
 
 
 def award_sends(p: Programme) -> tuple[Send, ...]:
@@ -377,11 +485,18 @@ def award_sends(p: Programme) -> tuple[Send, ...]:
 
 def licence_sends(p: Programme) -> tuple[Send, ...]:
     b = p.batch(LICENSED)
-    return (Send(LICENSING, "license.granted.v1", {
-        "batch_id": b.batch_id, "license_number": f"D{zlib.crc32(b.batch_id.encode()) % 10_000_000:07d}",
-        "quantity": b.units,
-        "valid_until": "2027-06-30",
-    }),)
+    return (
+        Send(
+            LICENSING,
+            "license.granted.v1",
+            {
+                "batch_id": b.batch_id,
+                "license_number": f"D{zlib.crc32(b.batch_id.encode()) % 10_000_000:07d}",
+                "quantity": b.units,
+                "valid_until": "2027-06-30",
+            },
+        ),
+    )
 
 
 def _shipped(b: Batch, n: int, days: int) -> str:
@@ -390,34 +505,57 @@ def _shipped(b: Batch, n: int, days: int) -> str:
 
 def dispatch_sends(p: Programme) -> tuple[Send, ...]:
     return tuple(
-        Send(LOGISTICS, "shipment.dispatched.v1", {
-            "shipment_id": s.shipment_id, "batch_id": b.batch_id, "carrier": b.alloc.carrier,
-            "serials": list(s.serials), "origin_country": b.winner.origin, "route": list(b.winner.route),
-            "dispatched_at": _shipped(b, n, 0),
-        })
-        for b in p.batches for n, s in enumerate(b.shipments())
+        Send(
+            LOGISTICS,
+            "shipment.dispatched.v1",
+            {
+                "shipment_id": s.shipment_id,
+                "batch_id": b.batch_id,
+                "carrier": b.alloc.carrier,
+                "serials": list(s.serials),
+                "origin_country": b.winner.origin,
+                "route": list(b.winner.route),
+                "dispatched_at": _shipped(b, n, 0),
+            },
+        )
+        for b in p.batches
+        for n, s in enumerate(b.shipments())
     )
 
 
 def customs_sends(p: Programme, rng: random.Random) -> tuple[Send, ...]:
     return tuple(
-        Send(LOGISTICS, "shipment.cleared.v1", {
-            "shipment_id": s.shipment_id, "batch_id": b.batch_id,
-            "declaration_number": f"{rng.randint(10000, 99999)}-25-{rng.randint(0, 999_999):06d}M",
-            "cleared_at": _shipped(b, n, 2),
-        })
-        for b in p.batches for n, s in enumerate(b.shipments())
+        Send(
+            LOGISTICS,
+            "shipment.cleared.v1",
+            {
+                "shipment_id": s.shipment_id,
+                "batch_id": b.batch_id,
+                "declaration_number": f"{rng.randint(10000, 99999)}-25-{rng.randint(0, 999_999):06d}M",
+                "cleared_at": _shipped(b, n, 2),
+            },
+        )
+        for b in p.batches
+        for n, s in enumerate(b.shipments())
     )
 
 
 def receipt_sends(p: Programme) -> tuple[Send, ...]:
     return tuple(
-        Send(SITE_PARTY, "shipment.received.v1", {
-            "shipment_id": s.shipment_id, "batch_id": b.batch_id, "site_id": SITE_ID,
-            "received_serials": list(s.serials), "damaged_serials": sorted(b.damaged.intersection(s.serials)),
-            "received_at": _shipped(b, n, 4),
-        })
-        for b in p.batches for n, s in enumerate(b.shipments())
+        Send(
+            SITE_PARTY,
+            "shipment.received.v1",
+            {
+                "shipment_id": s.shipment_id,
+                "batch_id": b.batch_id,
+                "site_id": SITE_ID,
+                "received_serials": list(s.serials),
+                "damaged_serials": sorted(b.damaged.intersection(s.serials)),
+                "received_at": _shipped(b, n, 4),
+            },
+        )
+        for b in p.batches
+        for n, s in enumerate(b.shipments())
     )
 
 
@@ -433,22 +571,36 @@ def install_sends(p: Programme) -> tuple[Send, ...]:
         position = {s: i for i, s in enumerate(b.serials)}
         for n, s in enumerate(b.shipments()):
             intact = [x for x in s.serials if x not in b.damaged]
-            sends.append(Send(SITE_PARTY, "batch.installed.v1", {
-                "batch_id": b.batch_id, "site_id": SITE_ID,
-                "placements": [placement(b, position[x], x) for x in intact], "installed_at": _shipped(b, n, 12),
-            }))
+            sends.append(
+                Send(
+                    SITE_PARTY,
+                    "batch.installed.v1",
+                    {
+                        "batch_id": b.batch_id,
+                        "site_id": SITE_ID,
+                        "placements": [placement(b, position[x], x) for x in intact],
+                        "installed_at": _shipped(b, n, 12),
+                    },
+                )
+            )
     return tuple(sends)
 
 
 def acceptance_sends(p: Programme) -> tuple[Send, ...]:
     return tuple(
-        Send(SITE_PARTY, "batch.accepted.v1", {
-            "batch_id": b.batch_id,
-            "passed_serials": [x for x in s.serials if x not in b.damaged and x not in b.failed],
-            "failed_serials": sorted(b.failed.intersection(s.serials)), "accepted_at": _shipped(b, n, 26),
-            "report_uri": f"https://naicc.example.kr/acceptance/{b.batch_id}/{s.shipment_id}.pdf",
-        })
-        for b in p.batches for n, s in enumerate(b.shipments())
+        Send(
+            SITE_PARTY,
+            "batch.accepted.v1",
+            {
+                "batch_id": b.batch_id,
+                "passed_serials": [x for x in s.serials if x not in b.damaged and x not in b.failed],
+                "failed_serials": sorted(b.failed.intersection(s.serials)),
+                "accepted_at": _shipped(b, n, 26),
+                "report_uri": f"https://naicc.example.kr/acceptance/{b.batch_id}/{s.shipment_id}.pdf",
+            },
+        )
+        for b in p.batches
+        for n, s in enumerate(b.shipments())
     )
 
 
@@ -461,8 +613,9 @@ class Publisher:
     def __init__(self, bootstrap: str, keys_dir: Path) -> None:
         self._keys_dir = keys_dir
         self._keys: dict[str, Ed25519PrivateKey] = {}
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                          linger_ms=5, client_id="gputrace-demo")
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5, client_id="gputrace-demo"
+        )
 
     async def __aenter__(self) -> Publisher:
         try:
@@ -483,8 +636,12 @@ class Publisher:
     def event(self, send: Send) -> tuple[str, CloudEvent]:
         spec = EVENTS[f"gputrace.{send.short_type}"]
         event = CloudEvent(
-            id=send.event_id, source=party_source(send.party), type=spec.type,
-            subject=str(send.data[spec.aggregate_field]), time=now_rfc3339(), data=send.data,
+            id=send.event_id,
+            source=party_source(send.party),
+            type=spec.type,
+            subject=str(send.data[spec.aggregate_field]),
+            time=now_rfc3339(),
+            data=send.data,
         )
         return spec.topic, event.signed(self.key(send.sign_as or send.party))
 
@@ -502,8 +659,9 @@ class OutcomeWatcher:
     """Reads gputrace.outcomes.v1 from the end position taken at start, indexed by event id."""
 
     def __init__(self, bootstrap: str) -> None:
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                          client_id="gputrace-demo-outcomes")
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, client_id="gputrace-demo-outcomes"
+        )
         self.outcomes: dict[str, dict[str, Any]] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -578,8 +736,11 @@ class PhaseResult:
         return sum(1 for _, o in self.decided if o["status"] == status)
 
     def unexpected(self) -> list[tuple[Send, dict[str, Any]]]:
-        return [(s, o) for s, o in self.decided
-                if o["status"] != s.expect or (s.reason is not None and o.get("reason_code") != s.reason)]
+        return [
+            (s, o)
+            for s, o in self.decided
+            if o["status"] != s.expect or (s.reason is not None and o.get("reason_code") != s.reason)
+        ]
 
 
 def _detail(accepted: int, rejected: int, extra: str = "") -> str:
@@ -609,19 +770,23 @@ class Runner:
                 await asyncio.sleep(1.0)
                 await self.publisher.publish(s for s, _ in resend)
                 pending.update({s.event_id: (s, n) for s, n in resend})
-            self.progress.update(task, completed=len(result.decided),
-                                 detail=_detail(result.count("accepted"), result.count("rejected")))
+            self.progress.update(
+                task, completed=len(result.decided), detail=_detail(result.count("accepted"), result.count("rejected"))
+            )
             if pending and time.monotonic() > deadline:
-                raise DemoFailure(f"{phase.name}: no outcome within {self.timeout:.0f} s for {len(pending)} event(s), "
-                                  f"e.g. {next(iter(pending.values()))[0].short_type}; are all services running?")
+                raise DemoFailure(
+                    f"{phase.name}: no outcome within {self.timeout:.0f} s for {len(pending)} event(s), "
+                    f"e.g. {next(iter(pending.values()))[0].short_type}; are all services running?"
+                )
             if pending:
                 await self.watcher.changed(deadline - time.monotonic())
         result.seconds = time.monotonic() - started
         self._check(result)
         return result
 
-    def _collect(self, result: PhaseResult, pending: dict[str, tuple[Send, int]], retry_on: frozenset[str],
-                 attempts: int) -> list[tuple[Send, int]]:
+    def _collect(
+        self, result: PhaseResult, pending: dict[str, tuple[Send, int]], retry_on: frozenset[str], attempts: int
+    ) -> list[tuple[Send, int]]:
         resend = []
         for event_id in [e for e in pending if e in self.watcher.outcomes]:
             send, attempt = pending.pop(event_id)
@@ -639,8 +804,10 @@ class Runner:
         lines = [f"{result.name}: {len(wrong)} event(s) not decided as expected:"]
         for send, o in wrong[:10]:
             want = send.expect + (f" {send.reason}" if send.reason else "")
-            lines.append(f"  {send.short_type} from {send.party} (id {send.event_id}): expected {want}, got "
-                         f"{o['status']} {o.get('reason_code') or ''} by {o.get('service')}: {o.get('message')}")
+            lines.append(
+                f"  {send.short_type} from {send.party} (id {send.event_id}): expected {want}, got "
+                f"{o['status']} {o.get('reason_code') or ''} by {o.get('service')}: {o.get('message')}"
+            )
         raise DemoFailure("\n".join(lines))
 
 
@@ -655,8 +822,9 @@ async def ledger_batches(api: httpx.AsyncClient, program_id: str) -> dict[str, d
     return {b["batch_id"]: b for b in r.json()["items"]}
 
 
-async def wait_for_ledger(api: httpx.AsyncClient, p: Programme, want: dict[str, str], name: str,
-                          progress: Progress, within: float) -> dict[str, dict[str, Any]]:
+async def wait_for_ledger(
+    api: httpx.AsyncClient, p: Programme, want: dict[str, str], name: str, progress: Progress, within: float
+) -> dict[str, dict[str, Any]]:
     """Poll GET /v1/batches until every batch shows the status wanted of it."""
     task = progress.add_task(name, total=len(want), detail="polling the ledger")
     deadline = time.monotonic() + within
@@ -727,14 +895,21 @@ def _check_keys(keys_dir: Path, p: Programme) -> None:
     parties |= {b.alloc.funder for b in p.batches} | {o.vendor for b in p.batches for o in b.alloc.offers}
     missing = sorted(x for x in parties if not (keys_dir / f"{x}.key").exists())
     if missing:
-        raise DemoFailure(f"no key for {', '.join(missing)} in {keys_dir}: point --keys at the running system's keys "
-                          "(make run: var/keys)")
+        raise DemoFailure(
+            f"no key for {', '.join(missing)} in {keys_dir}: point --keys at the running system's keys "
+            "(make run: var/keys)"
+        )
 
 
 def make_progress(console: Console) -> Progress:
     return Progress(
-        SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(bar_width=30), MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+        SpinnerColumn(),
+        TextColumn("{task.description:<22}"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
     )
 
 
@@ -755,8 +930,9 @@ async def run_demo(cfg: DemoConfig, console: Console) -> DemoReport:
     return DemoReport(p, runner.results, batches, program, forged, time.monotonic() - started)
 
 
-async def _programme(runner: Runner, api: httpx.AsyncClient, p: Programme, rng: random.Random,
-                     within: float) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+async def _programme(
+    runner: Runner, api: httpx.AsyncClient, p: Programme, rng: random.Random, within: float
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The programme in the order the real world would publish it; returns the forged event's outcome."""
     progress = runner.progress
     await runner.phase(Phase("pledges", pledge_sends(p)))
@@ -783,15 +959,20 @@ async def _programme(runner: Runner, api: httpx.AsyncClient, p: Programme, rng: 
 
 
 def forged_panel(outcome: dict[str, Any]) -> Panel:
-    body = (f"[bold]{escape(outcome.get('reason_code') or outcome['status'])}[/bold] by the {outcome['service']} "
-            f"service: {escape(outcome['message'])}\nevent {outcome['event_id']} from {outcome['event_source']}, "
-            f"decision {outcome['decision_id']}")
+    body = (
+        f"[bold]{escape(outcome.get('reason_code') or outcome['status'])}[/bold] by the {outcome['service']} "
+        f"service: {escape(outcome['message'])}\nevent {outcome['event_id']} from {outcome['event_source']}, "
+        f"decision {outcome['decision_id']}"
+    )
     return Panel(body, title="forged award, read back from gputrace.outcomes.v1", border_style="yellow")
 
 
 def batch_table(p: Programme, batches: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title=f"the ledger's batches, programme {p.program_id}", box=box.SIMPLE_HEAD,
-                  caption=f"batch ids: {p.program_id}-<batch>-<model>-{p.run_id}; scale {p.scale:g}")
+    table = Table(
+        title=f"the ledger's batches, programme {p.program_id}",
+        box=box.SIMPLE_HEAD,
+        caption=f"batch ids: {p.program_id}-<batch>-<model>-{p.run_id}; scale {p.scale:g}",
+    )
     for col in ("batch", "model", "vendor", "status", "export"):
         table.add_column(col)
     for col in ("awarded", "shipped", "damaged", "installed", "accepted", "failed"):
@@ -799,10 +980,14 @@ def batch_table(p: Programme, batches: dict[str, dict[str, Any]]) -> Table:
     for b in p.batches:
         doc = batches.get(b.batch_id, {})
         q = doc.get("quantities") or {}
-        table.add_row(b.code, b.alloc.model, doc.get("vendor_id") or "-", doc.get("status", "?"),
-                      (doc.get("export") or {}).get("status") or "-",
-                      *(f"{q.get(k, 0):,}" for k in ("awarded", "dispatched", "damaged", "installed", "accepted",
-                                                    "failed")))
+        table.add_row(
+            b.code,
+            b.alloc.model,
+            doc.get("vendor_id") or "-",
+            doc.get("status", "?"),
+            (doc.get("export") or {}).get("status") or "-",
+            *(f"{q.get(k, 0):,}" for k in ("awarded", "dispatched", "damaged", "installed", "accepted", "failed")),
+        )
     return table
 
 
@@ -815,8 +1000,14 @@ def phase_table(phases: Sequence[PhaseResult]) -> Table:
     for col in ("phase", "events", "accepted", "rejected", "resent", "seconds"):
         table.add_column(col, justify="left" if col == "phase" else "right")
     for r in phases:
-        table.add_row(r.name, str(len(r.decided)), str(r.count("accepted")), str(r.count("rejected")), str(r.retried),
-                      f"{r.seconds:.1f}")
+        table.add_row(
+            r.name,
+            str(len(r.decided)),
+            str(r.count("accepted")),
+            str(r.count("rejected")),
+            str(r.retried),
+            f"{r.seconds:.1f}",
+        )
     return table
 
 
@@ -825,9 +1016,11 @@ def print_report(console: Console, report: DemoReport, cfg: DemoConfig) -> None:
     console.print(batch_table(report.programme, report.batches))
     prog = report.program
     gpus = ", ".join(f"{n:,} {m}" for m, n in (prog.get("gpus") or {}).items())
-    console.print(f"programme {report.programme.program_id} (all runs): in-kind GPUs {gpus} = "
-                  f"{prog.get('gpus_total', 0):,} against a target of {prog.get('target_gpus', 0):,}; capital pledged "
-                  f"{_money(prog.get('capital'))}, disbursed {_money(prog.get('disbursed'))}")
+    console.print(
+        f"programme {report.programme.program_id} (all runs): in-kind GPUs {gpus} = "
+        f"{prog.get('gpus_total', 0):,} against a target of {prog.get('target_gpus', 0):,}; capital pledged "
+        f"{_money(prog.get('capital'))}, disbursed {_money(prog.get('disbursed'))}"
+    )
     token = cfg.token or read_auditor_token(cfg.keys_dir)
     api = cfg.api_url.rstrip("/")
     console.print(f"[bold green]demo done[/bold green] in {report.seconds:.1f} s. Where to look:")
@@ -871,8 +1064,9 @@ def demo(
     console = Console()
     if not console.is_terminal:
         console = Console(width=140)  # logs and CI: wide enough for the tables
-    console.print(f"gputrace demo: programme {program_id}, run {cfg.run_id}, scale {scale:g}, Kafka {bootstrap}, "
-                  f"ledger {api}")
+    console.print(
+        f"gputrace demo: programme {program_id}, run {cfg.run_id}, scale {scale:g}, Kafka {bootstrap}, ledger {api}"
+    )
     try:
         report = asyncio.run(run_demo(cfg, console))
     except Unreachable as exc:

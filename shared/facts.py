@@ -65,6 +65,8 @@ class AwardFacts(Facts):
     consignee: Party
     end_user: EndUser
     awarded_at: str
+    # The vendor's lead time: award date + lead time is the planned shipment date.
+    lead_time_days: int = 0
     funding: Funding
 
 

@@ -319,9 +319,7 @@ def _is_proof(proof: object) -> bool:
     return isinstance(proof, list | tuple) and all(_is_hash(p) for p in proof)
 
 
-def root_from_inclusion_proof(
-    leaf_hash: bytes, index: int, size: int, proof: Sequence[bytes]
-) -> bytes | None:
+def root_from_inclusion_proof(leaf_hash: bytes, index: int, size: int, proof: Sequence[bytes]) -> bytes | None:
     """The root implied by an inclusion proof (RFC 9162 §2.1.3.2 steps 1-4), or None if
     the inputs cannot form a valid proof (bad index, wrong path length, malformed hash)."""
     if not (_is_hash(leaf_hash) and _is_count(index) and _is_count(size) and _is_proof(proof)):
@@ -359,9 +357,7 @@ def verify_inclusion(leaf_hash: bytes, index: int, size: int, proof: Sequence[by
         return False
 
 
-def verify_consistency(
-    first: int, second: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]
-) -> bool:
+def verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]) -> bool:
     """RFC 9162 §2.1.4.2: is the tree of size `second` with `second_root` an append-only
     extension of the tree of size `first` with `first_root`? Never raises.
 
@@ -374,9 +370,7 @@ def verify_consistency(
         return False
 
 
-def _verify_consistency(
-    first: int, second: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]
-) -> bool:
+def _verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]) -> bool:
     if not (_is_count(first) and _is_count(second) and _is_hash(first_root) and _is_hash(second_root)):
         return False
     if not _is_proof(proof) or first > second:

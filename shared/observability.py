@@ -11,14 +11,10 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_CONSUMED = Counter("gputrace_events_consumed_total", "Records consumed", ["service", "topic"])
-DECISIONS = Counter(
-    "gputrace_decisions_total", "Decisions taken", ["service", "event_type", "status", "reason"]
-)
+DECISIONS = Counter("gputrace_decisions_total", "Decisions taken", ["service", "event_type", "status", "reason"])
 DEAD_LETTERS = Counter("gputrace_dead_letters_total", "Records sent to the DLQ", ["service", "topic"])
 DUPLICATES = Counter("gputrace_duplicates_total", "Redelivered events dropped", ["service"])
-HANDLER_SECONDS = Histogram(
-    "gputrace_batch_seconds", "Time to handle one polled batch, commit included", ["service"]
-)
+HANDLER_SECONDS = Histogram("gputrace_batch_seconds", "Time to handle one polled batch, commit included", ["service"])
 OUTBOX_BACKLOG = Gauge("gputrace_outbox_backlog", "Outbox rows left after the last relay pass", ["service"])
 OUTBOX_PUBLISHED = Counter("gputrace_outbox_published_total", "Outbox rows published", ["service"])
 LEDGER_SIZE = Gauge("gputrace_ledger_size", "Entries in the ledger's Merkle log")
@@ -44,7 +40,9 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

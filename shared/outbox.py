@@ -37,10 +37,6 @@ def enqueue(session: AsyncSession, topic: str, event: CloudEvent) -> None:
     )
 
 
-def enqueue_raw(session: AsyncSession, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, str]]) -> None:
-    session.add(OutboxMessage(topic=topic, key=key, value=value, headers=json.dumps(headers)))
-
-
 class OutboxRelay:
     """Publishes the outbox of one service database. One relay publishes at a time (per service),
     guarded by a PostgreSQL advisory lock, so per-key order survives scaling out."""
@@ -115,8 +111,10 @@ class OutboxRelay:
                 if not got.scalar():
                     return 0
             rows = (
-                await session.execute(select(OutboxMessage).order_by(OutboxMessage.id).limit(RELAY_BATCH))
-            ).scalars().all()
+                (await session.execute(select(OutboxMessage).order_by(OutboxMessage.id).limit(RELAY_BATCH)))
+                .scalars()
+                .all()
+            )
             if not rows:
                 OUTBOX_BACKLOG.labels(self.service).set(0)
                 return 0

@@ -41,4 +41,3 @@ async def ensure_topics(
         return [t.name for t in missing]
     finally:
         await admin.close()
-

@@ -80,9 +80,9 @@ def postgres_url(local_postgres: LocalPostgres | None) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def running(kafka_bootstrap: str, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-    tuple[Stack, dict[str, str], Path]
-]:
+def running(
+    kafka_bootstrap: str, postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, dict[str, str], Path]]:
     workdir = tmp_path_factory.mktemp("stack")
     stack, tokens = start_stack(kafka_bootstrap, postgres_url, workdir)
     yield stack, tokens, workdir

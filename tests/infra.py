@@ -43,7 +43,9 @@ def docker_available() -> bool:
     try:
         done = subprocess.run(
             ["docker", "version", "--format", "{{.Server.Version}}"],
-            capture_output=True, text=True, timeout=2,
+            capture_output=True,
+            text=True,
+            timeout=2,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -53,7 +55,10 @@ def docker_available() -> bool:
 def _script(script: Path, *args: str, timeout: float = 600) -> str:
     """Run one of the infra scripts; return the last line it printed on stdout (its result)."""
     done = subprocess.run(
-        ["bash", str(script), *args], capture_output=True, text=True, timeout=timeout,
+        ["bash", str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
     if done.returncode != 0:
@@ -259,8 +264,12 @@ def kafka_container(image: str = KAFKA_IMAGE) -> Iterator[str]:
     for key, value in env.items():
         container = container.with_env(key, value)
     container = container.with_command(
-        ["bash", "-c", f'while [ ! -s {flag} ]; do sleep 0.1; done; '
-                       f'export KAFKA_ADVERTISED_LISTENERS="$(cat {flag})"; exec /etc/kafka/docker/run']
+        [
+            "bash",
+            "-c",
+            f"while [ ! -s {flag} ]; do sleep 0.1; done; "
+            f'export KAFKA_ADVERTISED_LISTENERS="$(cat {flag})"; exec /etc/kafka/docker/run',
+        ]
     )
     with container:
         host = container.get_container_host_ip()

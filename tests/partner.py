@@ -97,7 +97,9 @@ class PartnerClient:
         await self.send_raw(topic_for(short_type), key, value, headers)
         return event_id
 
-    async def send_raw(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+    async def send_raw(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> None:
         assert self._producer
         await self._producer.send_and_wait(topic, value, key=key, headers=headers)
 

@@ -292,6 +292,8 @@ async def test_whole_life_of_a_batch(
     assert doc["money"]["earmarked"] == {"KRW": "2000000000"}
     assert doc["money"]["awarded"] == {"amount": "400000000", "currency": "KRW"}
     assert doc["export_decision"]["reasoning"], "the export decision carries its reasoning"
+    # The rule set is chosen by the planned shipment date: award (2025-06-02) + 60 days' lead time.
+    assert doc["export_decision"]["inputs"]["decision_date"] == "2025-08-01"
     codes = sorted(a["code"] for step in doc["timeline"] for a in step["anomalies"])
     assert codes == ["ACCEPTANCE_FAILED", "DAMAGED_IN_TRANSIT"]
     steps = [s["event_type"] for s in doc["timeline"]]

@@ -29,16 +29,12 @@ EM = "\u2014"
 PETER_SKEY_B64 = "AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz"  # 0x01 || Ed25519 seed
 PETER_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"
 ENOCH_VKEY = "EnochRoot+af0cfe78+ATtqJ7zOtqQtYqOo0CpvDXNlMhV3HeJDpjrASKGLWdop"
-GO_TEXT = (
-    "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"
-)
+GO_TEXT = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"
 PETER_SIG = (
-    f"{EM} PeterNeumann "
-    "x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n"
+    f"{EM} PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n"
 )
 ENOCH_SIG = (
-    f"{EM} EnochRoot "
-    "rwz+eBzmZa0SO3NbfRGzPCpDckykFXSdeX+MNtCOXm2/5n2tiOHp+vAF1aGrQ5ovTG01oOTGwnWLox33WWd1RvMc+QQ=\n"
+    f"{EM} EnochRoot rwz+eBzmZa0SO3NbfRGzPCpDckykFXSdeX+MNtCOXm2/5n2tiOHp+vAF1aGrQ5ovTG01oOTGwnWLox33WWd1RvMc+QQ=\n"
 )
 # The Go checksum database's published key (cmd/go/internal/modfetch/key.go) — its base64
 # contains '+', which the vkey parser must not split on — and a checkpoint it signed.
@@ -202,9 +198,7 @@ def test_wrong_key_fails(cp: Checkpoint, log_key: Ed25519PrivateKey) -> None:
         parse_and_verify(note, PETER_VKEY)
 
 
-def test_known_name_and_id_with_a_bad_signature_rejects_the_note(
-    cp: Checkpoint, log_key: Ed25519PrivateKey
-) -> None:
+def test_known_name_and_id_with_a_bad_signature_rejects_the_note(cp: Checkpoint, log_key: Ed25519PrivateKey) -> None:
     # An attacker can grind a key whose id collides with ours; the spec says a signature
     # that matches a known (name, id) must verify, else the note is rejected.
     attacker = Ed25519PrivateKey.generate()

@@ -25,12 +25,18 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chr
 
 # The page's pipeline groups (dashboard.js PIPELINE/STOPPED): status -> (card, units it carries there).
 STAGE_OF = {
-    "requested": ("requested", "requested"), "quoted": ("quoted", "requested"),
-    "awarded": ("awarded", "awarded"), "export_pending": ("awarded", "awarded"),
-    "license_required": ("license_required", "awarded"), "cleared": ("cleared", "export_cleared"),
-    "in_transit": ("in_transit", "dispatched"), "received": ("received", "received"),
-    "installed": ("installed", "installed"), "accepted": ("accepted", "accepted"),
-    "export_denied": ("export_denied", "awarded"), "license_denied": ("license_denied", "awarded"),
+    "requested": ("requested", "requested"),
+    "quoted": ("quoted", "requested"),
+    "awarded": ("awarded", "awarded"),
+    "export_pending": ("awarded", "awarded"),
+    "license_required": ("license_required", "awarded"),
+    "cleared": ("cleared", "export_cleared"),
+    "in_transit": ("in_transit", "dispatched"),
+    "received": ("received", "received"),
+    "installed": ("installed", "installed"),
+    "accepted": ("accepted", "accepted"),
+    "export_denied": ("export_denied", "awarded"),
+    "license_denied": ("license_denied", "awarded"),
 }
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -85,10 +91,21 @@ def grouped(n: int | str) -> str:
 async def chromium(url: str, profile: Path, *extra: str) -> str:
     assert CHROMIUM is not None
     proc = await asyncio.create_subprocess_exec(
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--virtual-time-budget=10000", *extra, url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        *extra,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, err.decode()[-3000:]
@@ -135,14 +152,31 @@ async def make_batches(partner: PartnerClient, outcomes: TopicWatcher, api: http
     await done.dispatch(shipment, serials)
     await done.clear(shipment)
     await done.receive(shipment, serials, damaged=serials[:1])
-    await done.expect(await partner.publish("haenam-site", "batch.installed.v1", {
-        "batch_id": done.batch, "site_id": "haenam-1", "installed_at": "2025-07-10T00:00:00Z",
-        "placements": [{"serial": s, "rack": "R07", "slot": str(i)} for i, s in enumerate(serials[1:])],
-    }))
-    await done.expect(await partner.publish("haenam-site", "batch.accepted.v1", {
-        "batch_id": done.batch, "passed_serials": serials[1:3], "failed_serials": serials[3:],
-        "accepted_at": "2025-07-20T00:00:00Z", "report_uri": "https://example.invalid/acceptance/7.pdf",
-    }))
+    await done.expect(
+        await partner.publish(
+            "haenam-site",
+            "batch.installed.v1",
+            {
+                "batch_id": done.batch,
+                "site_id": "haenam-1",
+                "installed_at": "2025-07-10T00:00:00Z",
+                "placements": [{"serial": s, "rack": "R07", "slot": str(i)} for i, s in enumerate(serials[1:])],
+            },
+        )
+    )
+    await done.expect(
+        await partner.publish(
+            "haenam-site",
+            "batch.accepted.v1",
+            {
+                "batch_id": done.batch,
+                "passed_serials": serials[1:3],
+                "failed_serials": serials[3:],
+                "accepted_at": "2025-07-20T00:00:00Z",
+                "report_uri": "https://example.invalid/acceptance/7.pdf",
+            },
+        )
+    )
 
     quoted = Programme(partner, outcomes, model="H100-SXM", quantity=16)
     await quoted.request()
@@ -154,20 +188,49 @@ async def make_batches(partner: PartnerClient, outcomes: TopicWatcher, api: http
     await licence.award(await licence.submit("dell-korea", "60000000", hq="CN"))
 
     pledge = uid("P")
-    await done.expect(await partner.publish("kakao", "pledge.committed.v1", {
-        "pledge_id": pledge, "partner_id": "kakao", "program_id": done.program, "kind": "gpus",
-        "gpus": {"model": "B200", "quantity": 1536}, "committed_at": "2025-03-14T09:00:00Z", "due_by": "2025-12-31",
-    }))
+    await done.expect(
+        await partner.publish(
+            "kakao",
+            "pledge.committed.v1",
+            {
+                "pledge_id": pledge,
+                "partner_id": "kakao",
+                "program_id": done.program,
+                "kind": "gpus",
+                "gpus": {"model": "B200", "quantity": 1536},
+                "committed_at": "2025-03-14T09:00:00Z",
+                "due_by": "2025-12-31",
+            },
+        )
+    )
     cash = uid("P")
-    await done.expect(await partner.publish("kdb", "pledge.committed.v1", {
-        "pledge_id": cash, "partner_id": "kdb", "program_id": done.program, "kind": "capital",
-        "capital": {"amount": "1250000000", "currency": "KRW"}, "committed_at": "2025-03-14T09:00:00Z",
-        "due_by": "2025-12-31",
-    }))
-    await done.expect(await partner.publish("kdb", "pledge.disbursed.v1", {
-        "pledge_id": cash, "partner_id": "kdb", "amount": {"amount": "250000000", "currency": "KRW"},
-        "reference": f"KDB-WIRE-{cash}",
-    }))
+    await done.expect(
+        await partner.publish(
+            "kdb",
+            "pledge.committed.v1",
+            {
+                "pledge_id": cash,
+                "partner_id": "kdb",
+                "program_id": done.program,
+                "kind": "capital",
+                "capital": {"amount": "1250000000", "currency": "KRW"},
+                "committed_at": "2025-03-14T09:00:00Z",
+                "due_by": "2025-12-31",
+            },
+        )
+    )
+    await done.expect(
+        await partner.publish(
+            "kdb",
+            "pledge.disbursed.v1",
+            {
+                "pledge_id": cash,
+                "partner_id": "kdb",
+                "amount": {"amount": "250000000", "currency": "KRW"},
+                "reference": f"KDB-WIRE-{cash}",
+            },
+        )
+    )
 
     await batch_view(api, done.batch, lambda d: d["status"] == "accepted" and d["anomalies"] == 2)
     await batch_view(api, quoted.batch, lambda d: d["status"] == "quoted")
@@ -177,7 +240,11 @@ async def make_batches(partner: PartnerClient, outcomes: TopicWatcher, api: http
 
 @needs_chromium
 async def test_the_page_shows_what_the_api_says(
-    partner: PartnerClient, outcomes: TopicWatcher, api: httpx.AsyncClient, stack: Stack, tokens: dict[str, str],
+    partner: PartnerClient,
+    outcomes: TopicWatcher,
+    api: httpx.AsyncClient,
+    stack: Stack,
+    tokens: dict[str, str],
     tmp_path: Path,
 ) -> None:
     mine = await make_batches(partner, outcomes, api)

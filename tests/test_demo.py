@@ -26,10 +26,32 @@ SEED = 7
 def demo_run(kafka_bootstrap: str, keys_dir: Path, stack: Stack) -> tuple[str, str, subprocess.CompletedProcess[str]]:
     program_id, run_id = f"KR-NAICC-TEST-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "demo", "--bootstrap", kafka_bootstrap, "--keys", str(keys_dir),
-         "--api", stack.api_url, "--program-id", program_id, "--scale", str(SCALE), "--seed", str(SEED),
-         "--run-id", run_id, "--timeout", "120"],
-        cwd=ROOT, capture_output=True, text=True, timeout=280,
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "demo",
+            "--bootstrap",
+            kafka_bootstrap,
+            "--keys",
+            str(keys_dir),
+            "--api",
+            stack.api_url,
+            "--program-id",
+            program_id,
+            "--scale",
+            str(SCALE),
+            "--seed",
+            str(SEED),
+            "--run-id",
+            run_id,
+            "--timeout",
+            "120",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     return program_id, run_id, done
 
@@ -94,8 +116,11 @@ def test_licence_damage_failure_and_forgery_are_on_record(
     failed = get(ledger, f"/v1/batches/{p.batch(FAILED).batch_id}")["quantities"]
     assert failed["failed"] == 1 and failed["accepted"] == failed["installed"] - 1
 
-    forged = [s for s in get(ledger, f"/v1/batches/{p.batch(FORGED).batch_id}")["timeline"]
-              if s["reason_code"] == "SIGNATURE_INVALID"]
+    forged = [
+        s
+        for s in get(ledger, f"/v1/batches/{p.batch(FORGED).batch_id}")["timeline"]
+        if s["reason_code"] == "SIGNATURE_INVALID"
+    ]
     assert [(s["event_type"], s["status"], s["party_id"]) for s in forged] == [
         ("gputrace.quote.awarded.v1", "rejected", "nipa")
     ]

@@ -546,9 +546,7 @@ def test_database_shaped_values() -> None:
     proof = inclusion_proof(5, 13, as_views)
     assert proof == ref_path(5, 0, 13) and all(type(p) is bytes for p in proof)
     assert verify_inclusion(memoryview(LEAF_HASHES[5]), 5, 13, proof, memoryview(ref_mth(0, 13)))
-    assert Frontier.from_nodes(13, {c: bytearray(STORE[c]) for c in frontier_coords(13)}).root() == ref_mth(
-        0, 13
-    )
+    assert Frontier.from_nodes(13, {c: bytearray(STORE[c]) for c in frontier_coords(13)}).root() == ref_mth(0, 13)
     corrupt = dict(as_views)
     corrupt[coords[0]] = b"\x00" * 31
     with pytest.raises(ValueError, match="not a 32-byte hash"):

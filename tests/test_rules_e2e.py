@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, LiteralString, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import httpx
-import psycopg
 import pytest
 
 from tests.partner import PartnerClient, TopicWatcher

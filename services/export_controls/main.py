@@ -9,7 +9,7 @@ licensing authority move a `license_required` case on.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Column, Text, select
 from sqlmodel import Field, SQLModel
@@ -95,8 +95,9 @@ class ExportControls:
             destination_country=award.consignee.country,
             consignee=award.consignee.model_dump(),
             end_user=award.end_user.model_dump(),
-            # The award fixes the shipment plan; its date selects the rule set in force.
-            decision_date=datetime.fromisoformat(award.awarded_at).date(),
+            # The rule set in force on the planned shipment date (award + the vendor's lead time)
+            # decides; a pinned EXPORT_RULESET overrides it.
+            decision_date=datetime.fromisoformat(award.awarded_at).date() + timedelta(days=award.lead_time_days),
         )
         used = {q.key: q.used_tpp for q in (await session.execute(select(QuotaUsage))).scalars()}
         try:
@@ -116,8 +117,12 @@ class ExportControls:
         anomalies = []
         if result.outcome == "denied":
             anomalies.append(
-                anomaly("EXPORT_DENIED", f"export of batch {award.batch_id} denied: {result.reasoning[-1]}",
-                        award.batch_id, rule_version=result.ruleset.version)
+                anomaly(
+                    "EXPORT_DENIED",
+                    f"export of batch {award.batch_id} denied: {result.reasoning[-1]}",
+                    award.batch_id,
+                    rule_version=result.ruleset.version,
+                )
             )
         emit.decide(
             EXPORT_DECIDED,

@@ -76,8 +76,14 @@ async def get_batches(
             raise HTTPException(403, "a partner reads only its own batches")
         partner = principal.party_id
     total, rows = await list_batches(
-        session, status=status, partner=partner, vendor=vendor, model=model, program_id=program_id,
-        limit=limit, offset=offset,
+        session,
+        status=status,
+        partner=partner,
+        vendor=vendor,
+        model=model,
+        program_id=program_id,
+        limit=limit,
+        offset=offset,
     )
     return {"total": total, "limit": limit, "offset": offset, "items": [summarize(r) for r in rows]}
 

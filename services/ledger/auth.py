@@ -40,7 +40,9 @@ def write_dev_tokens(path: Path, partner_ids: list[str]) -> dict[str, str]:
     """Keeps tokens already issued, so re-running does not log anyone out."""
     existing = json.loads(path.read_text())["tokens"] if path.exists() else []
     by_name = {t["name"]: t for t in existing}
-    wanted = [("auditor", "auditor", None), ("ops", "ops", None)] + [(f"partner:{p}", "partner", p) for p in partner_ids]
+    wanted = [("auditor", "auditor", None), ("ops", "ops", None)] + [
+        (f"partner:{p}", "partner", p) for p in partner_ids
+    ]
     tokens = []
     for name, role, party in wanted:
         t = by_name.get(name) or {"name": name, "role": role, "party_id": party, "token": secrets.token_urlsafe(24)}

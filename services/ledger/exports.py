@@ -72,8 +72,14 @@ def ocds_package(batch_id: str, entries: list[dict[str, Any]], publisher: str) -
                 "id": batch_id,
                 "title": f"{d['quantity']} × {d['model']} for {d['site_id']}",
                 "status": "active",
-                "items": [{"id": "1", "description": f"GPU {d['model']}", "quantity": d["quantity"],
-                           "classification": {"scheme": "gputrace-gpu-catalogue", "id": d["model"]}}],
+                "items": [
+                    {
+                        "id": "1",
+                        "description": f"GPU {d['model']}",
+                        "quantity": d["quantity"],
+                        "classification": {"scheme": "gputrace-gpu-catalogue", "id": d["model"]},
+                    }
+                ],
                 "tenderPeriod": {"endDate": d["needed_by"]},
             },
         )
@@ -85,8 +91,12 @@ def ocds_package(batch_id: str, entries: list[dict[str, Any]], publisher: str) -
                 "date": e["decided_at"],
                 "status": "valid",
                 "tenderers": [party(d["vendor_id"], "tenderer")],
-                "value": _value({"amount": str(Decimal(d["unit_price"]["amount"]) * d["quantity"]),
-                                 "currency": d["unit_price"]["currency"]}),
+                "value": _value(
+                    {
+                        "amount": str(Decimal(d["unit_price"]["amount"]) * d["quantity"]),
+                        "currency": d["unit_price"]["currency"],
+                    }
+                ),
             }
         )
     for e in _accepted(entries, "quote.awarded.v1"):
@@ -96,38 +106,53 @@ def ocds_package(batch_id: str, entries: list[dict[str, Any]], publisher: str) -
             e,
             "award",
             bids={"details": bids},
-            awards=[{
-                "id": f"{batch_id}-award",
-                "title": f"Award of quote {award['quote_id']}",
-                "status": "active",
-                "date": award["awarded_at"],
-                "value": _value(award["total_price"]),
-                "suppliers": [supplier],
-                "items": [{"id": "1", "description": f"GPU {award['model']}", "quantity": award["quantity"],
-                           "unit": {"name": "GPU", "value": _value(award["unit_price"])}}],
-            }],
+            awards=[
+                {
+                    "id": f"{batch_id}-award",
+                    "title": f"Award of quote {award['quote_id']}",
+                    "status": "active",
+                    "date": award["awarded_at"],
+                    "value": _value(award["total_price"]),
+                    "suppliers": [supplier],
+                    "items": [
+                        {
+                            "id": "1",
+                            "description": f"GPU {award['model']}",
+                            "quantity": award["quantity"],
+                            "unit": {"name": "GPU", "value": _value(award["unit_price"])},
+                        }
+                    ],
+                }
+            ],
         )
-    deliveries = _accepted(entries, "batch.accepted.v1", "batch.installed.v1", "shipment.received.v1",
-                           "shipment.dispatched.v1")
+    deliveries = _accepted(
+        entries, "batch.accepted.v1", "batch.installed.v1", "shipment.received.v1", "shipment.dispatched.v1"
+    )
     if deliveries:
         last = deliveries[-1]
         counts = last["facts"].get("delivery", {})
         release(
             last,
             "implementation",
-            contracts=[{
-                "id": f"{batch_id}-contract",
-                "awardID": f"{batch_id}-award",
-                "status": "active",
-                "implementation": {
-                    "milestones": [
-                        {"id": str(x["leaf_index"]), "title": x["event_type"].removeprefix("gputrace."),
-                         "status": "met", "dateMet": x["decided_at"]}
-                        for x in deliveries
-                    ],
-                },
-                "gputrace:delivery": counts,
-            }],
+            contracts=[
+                {
+                    "id": f"{batch_id}-contract",
+                    "awardID": f"{batch_id}-award",
+                    "status": "active",
+                    "implementation": {
+                        "milestones": [
+                            {
+                                "id": str(x["leaf_index"]),
+                                "title": x["event_type"].removeprefix("gputrace."),
+                                "status": "met",
+                                "dateMet": x["decided_at"],
+                            }
+                            for x in deliveries
+                        ],
+                    },
+                    "gputrace:delivery": counts,
+                }
+            ],
         )
     return {
         "uri": f"urn:gputrace:ocds:{batch_id}",
@@ -174,8 +199,14 @@ def epcis_document(batch_id: str, entries: list[dict[str, Any]]) -> dict[str, An
             shipments[d["shipment_id"]] = d["serials"]
         for serials, disposition, extra in _groups(e["event_type"], d, shipments):
             if serials:
-                events.append({**base, "epcList": [f"urn:gputrace:serial:{s}" for s in serials],
-                               "disposition": disposition, **extra})
+                events.append(
+                    {
+                        **base,
+                        "epcList": [f"urn:gputrace:serial:{s}" for s in serials],
+                        "disposition": disposition,
+                        **extra,
+                    }
+                )
     return {
         "@context": [EPCIS_CONTEXT, {"gputrace": GPUTRACE_NS}],
         "type": "EPCISDocument",
@@ -196,18 +227,28 @@ def _groups(
     event_type: str, d: dict[str, Any], shipments: dict[str, list[str]]
 ) -> list[tuple[list[str], str, dict[str, Any]]]:
     if event_type == "gputrace.shipment.dispatched.v1":
-        return [(d["serials"], "in_transit", {"gputrace:shipmentId": d["shipment_id"], "gputrace:carrier": d["carrier"]})]
+        return [
+            (d["serials"], "in_transit", {"gputrace:shipmentId": d["shipment_id"], "gputrace:carrier": d["carrier"]})
+        ]
     if event_type == "gputrace.shipment.cleared.v1":
-        return [(shipments.get(d["shipment_id"], []), "in_transit",
-                 {"gputrace:declarationNumber": d["declaration_number"], "gputrace:shipmentId": d["shipment_id"]})]
+        return [
+            (
+                shipments.get(d["shipment_id"], []),
+                "in_transit",
+                {"gputrace:declarationNumber": d["declaration_number"], "gputrace:shipmentId": d["shipment_id"]},
+            )
+        ]
     if event_type == "gputrace.shipment.received.v1":
         damaged = set(d.get("damaged_serials", []))
         good = [s for s in d["received_serials"] if s not in damaged]
         return [(good, "in_progress", {}), (sorted(damaged), "damaged", {})]
     if event_type == "gputrace.batch.installed.v1":
-        return [([p["serial"]], "active", {"gputrace:rack": p["rack"], "gputrace:slot": p["slot"]})
-                for p in d["placements"]]
+        return [
+            ([p["serial"]], "active", {"gputrace:rack": p["rack"], "gputrace:slot": p["slot"]}) for p in d["placements"]
+        ]
     if event_type == "gputrace.batch.accepted.v1":
-        return [(d["passed_serials"], "conformant", {"gputrace:reportUri": d["report_uri"]}),
-                (d.get("failed_serials", []), "non_conformant", {"gputrace:reportUri": d["report_uri"]})]
+        return [
+            (d["passed_serials"], "conformant", {"gputrace:reportUri": d["report_uri"]}),
+            (d.get("failed_serials", []), "non_conformant", {"gputrace:reportUri": d["report_uri"]}),
+        ]
     return []

@@ -143,7 +143,9 @@ def amend(pledge: Pledge | None, e: PledgeAmended) -> Pledge:
     _check_terms(p.kind, capital, gpus, capacity)
     if e.capital is not None and p.capital is not None:
         if e.capital.currency != p.capital.currency:
-            raise RuleBroken(ReasonCode.CURRENCY_MISMATCH, f"pledge is in {p.capital.currency}, not {e.capital.currency}")
+            raise RuleBroken(
+                ReasonCode.CURRENCY_MISMATCH, f"pledge is in {p.capital.currency}, not {e.capital.currency}"
+            )
         if e.capital.amount < p.disbursed:
             raise RuleBroken(
                 ReasonCode.AMENDMENT_BELOW_DISBURSED,
@@ -168,7 +170,9 @@ def withdraw(pledge: Pledge | None, e: PledgeWithdrawn) -> Pledge:
 def disburse(pledge: Pledge | None, e: PledgeDisbursed) -> Pledge:
     p = _owned_and_active(pledge, e.pledge_id, e.partner_id)
     if p.capital is None:
-        raise RuleBroken(ReasonCode.SCHEMA_INVALID, f"pledge {p.pledge_id!r} is a {p.kind} pledge; only capital is disbursed")
+        raise RuleBroken(
+            ReasonCode.SCHEMA_INVALID, f"pledge {p.pledge_id!r} is a {p.kind} pledge; only capital is disbursed"
+        )
     _check_money(e.amount)
     if e.amount.currency != p.capital.currency:
         raise RuleBroken(ReasonCode.CURRENCY_MISMATCH, f"pledge is in {p.capital.currency}, not {e.amount.currency}")

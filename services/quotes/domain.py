@@ -426,6 +426,7 @@ def award(
         consignee=quote.consignee,
         end_user=quote.end_user,
         awarded_at=awarded_at,
+        lead_time_days=quote.lead_time_days,
         funding=fund,
     )
     return Award(

@@ -36,8 +36,12 @@ console = Console()
 
 def pledge(i: int, run: str) -> dict[str, Any]:
     return {
-        "pledge_id": f"BENCH-{run}-{i}", "partner_id": "kdb", "program_id": f"bench-{run}", "kind": "capital",
-        "capital": {"amount": "1000", "currency": "KRW"}, "committed_at": "2025-03-01T00:00:00Z",
+        "pledge_id": f"BENCH-{run}-{i}",
+        "partner_id": "kdb",
+        "program_id": f"bench-{run}",
+        "kind": "capital",
+        "capital": {"amount": "1000", "currency": "KRW"},
+        "committed_at": "2025-03-01T00:00:00Z",
         "due_by": "2025-12-31",
     }
 
@@ -61,8 +65,13 @@ async def raw_kafka(bootstrap: str, records: list[Any]) -> dict[str, float]:
     await admin.create_topics([NewTopic(topic, 3, 1)])
     await admin.close()
     produce_s = await produce(bootstrap, topic, records)
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"g-{topic}",
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"g-{topic}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     t0, seen = time.perf_counter(), 0
     while seen < len(records):
@@ -94,14 +103,18 @@ def raw_postgres(admin_url: str, n: int) -> float:
                 ids = [str(i) for i in range(start, min(n, start + 500))]
                 cur.executemany("INSERT INTO bench_state VALUES (%s, %s)", [(i, "{}") for i in ids])
                 cur.executemany("INSERT INTO bench_seen VALUES ('s', %s)", [(i,) for i in ids])
-                cur.executemany("INSERT INTO bench_outbox (topic, value) VALUES ('t', %s)",
-                                [(b"x" * 600,) for _ in ids for _ in (0, 1)])
+                cur.executemany(
+                    "INSERT INTO bench_outbox (topic, value) VALUES ('t', %s)",
+                    [(b"x" * 600,) for _ in ids for _ in (0, 1)],
+                )
     return time.perf_counter() - t0
 
 
 def count_entries(url: str, program: str) -> int:
     with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT count(*) FROM log_entries WHERE aggregate_id LIKE %s", (f"BENCH-{program}-%",)).fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM log_entries WHERE aggregate_id LIKE %s", (f"BENCH-{program}-%",)
+        ).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -122,7 +135,7 @@ async def gputrace_pipeline(bootstrap: str, keys: Path, db_urls: dict[str, str],
             seen += sum(1 for r in recs if json.loads(r.value)["event_type"] == "gputrace.pledge.committed.v1")
     outcomes_s = time.perf_counter() - t0
     await consumer.stop()
-    while count_entries(db_urls["ledger"], run) < n:
+    while count_entries(db_urls["ledger"], run) < n:  # noqa: ASYNC110 - polling another process's database
         await asyncio.sleep(0.2)
     ledger_s = time.perf_counter() - t0
     return {"outcomes_s": outcomes_s, "ledger_s": ledger_s}
