@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from services.quotes import domain
 from shared.contract import BatchRequested, Money, QuoteAwarded, QuoteSubmitted, QuoteWithdrawn, ReasonCode
@@ -180,10 +181,12 @@ def test_quote_lead_time_must_not_be_negative() -> None:
     refused(ReasonCode.SCHEMA_INVALID, domain.submit_quote, open_batch(), None, quote_event(lead_time_days=-1))
 
 
-def test_quote_whose_total_cannot_be_stated_exactly_is_refused() -> None:
+def test_a_price_with_more_digits_than_money_holds_is_refused_by_the_contract() -> None:
+    # The contract bounds money (30 digits, 6 decimals), so no total is ever rounded; the
+    # mechanism turns the validation error into a SCHEMA_INVALID rejection.
     digits = "1." + "3" * domain.MONEY_PRECISION
-    event = quote_event(unit_price={"amount": digits, "currency": "USD"}, quantity=7)
-    refused(ReasonCode.SCHEMA_INVALID, domain.submit_quote, open_batch(), None, event)
+    with pytest.raises(ValidationError):
+        quote_event(unit_price={"amount": digits, "currency": "USD"}, quantity=7)
 
 
 # --- quote.withdrawn ----------------------------------------------------------------------
@@ -352,6 +355,6 @@ def test_earmarked_sum_is_exact() -> None:
     assert (funding.earmarked, funding.shortfall) == ("0.3", "0")
 
 
-def test_quote_whose_total_overflows_is_refused_not_crashed() -> None:
-    event = quote_event(unit_price={"amount": "9E+999999", "currency": "USD"}, quantity=100)
-    refused(ReasonCode.SCHEMA_INVALID, domain.submit_quote, open_batch(), None, event)
+def test_a_price_beyond_what_money_holds_is_refused_by_the_contract() -> None:
+    with pytest.raises(ValidationError):
+        quote_event(unit_price={"amount": "9E+999999", "currency": "USD"}, quantity=100)
