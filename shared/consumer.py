@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from shared.cloudevents import CloudEvent, UnreadableRecord, from_record, now_rfc3339
+from shared.cloudevents import CloudEvent, UnreadableRecord, child_trace, from_record, now_rfc3339
 from shared.contract import (
     DLQ_TOPIC,
     EVENTS,
@@ -78,10 +78,11 @@ PartnerHandler = Callable[[AsyncSession, Inbound], Awaitable[Verdict]]
 class Emitter:
     """Lets a handler record decisions a service takes on its own (not in answer to a partner)."""
 
-    def __init__(self, service: str, session: AsyncSession, trigger: CloudEvent) -> None:
+    def __init__(self, service: str, session: AsyncSession, trigger: CloudEvent, trace: dict[str, str]) -> None:
         self._service = service
         self._session = session
         self._trigger = trigger
+        self._trace = trace
         self.emitted: list[Decision] = []
 
     def decide(
@@ -108,7 +109,7 @@ class Emitter:
             facts=verdict.facts,
             anomalies=verdict.anomalies,
         )
-        publish_decision(self._session, decision, trace=self._trigger.trace)
+        publish_decision(self._session, decision, trace=self._trace)
         self.emitted.append(decision)
         return decision
 
@@ -244,7 +245,8 @@ class BatchProcessor:
             facts=verdict.facts,
             anomalies=verdict.anomalies,
         )
-        publish_decision(session, decision, trace=event.trace)
+        trace = child_trace(event.trace)
+        publish_decision(session, decision, trace=trace)
         outcome = Outcome(
             event_id=event.id,
             event_source=event.source,
@@ -267,7 +269,7 @@ class BatchProcessor:
                 subject=party.id if party else event.source,
                 time=now_rfc3339(),
                 data=outcome.model_dump(mode="json"),
-                trace=event.trace,
+                trace=trace,
             ),
         )
         await self._mark(session, event.source, dedupe_id, decision.decision_id)
@@ -280,7 +282,7 @@ class BatchProcessor:
                 "party": decision.party_id,
                 "batch_id": decision.batch_id,
                 "reason": decision.reason_code,
-                "traceparent": event.trace.get("traceparent"),
+                "traceparent": trace["traceparent"],
             },
         )
 
@@ -330,7 +332,8 @@ class BatchProcessor:
         if await self._seen(session, event.source, event.id):
             return
         decision = Decision.model_validate(event.data)
-        await self._internal_handler(session, event, decision, Emitter(self.service, session, event))
+        emitter = Emitter(self.service, session, event, child_trace(event.trace))
+        await self._internal_handler(session, event, decision, emitter)
         await self._mark(session, event.source, event.id, None)
 
     # --- shared steps ---------------------------------------------------------------------

@@ -88,7 +88,10 @@ class Service:
             internal_topics=[t for t in self.topics if t in DECISION_TOPICS],
             after_batch=after_batch,
         )
-        self.broker = KafkaBroker(self.settings.kafka_bootstrap_servers, client_id=f"gputrace-{name}")
+        # FastStream logs through our logger, so its lines are JSON like ours.
+        self.broker = KafkaBroker(
+            self.settings.kafka_bootstrap_servers, client_id=f"gputrace-{name}", logger=logging.getLogger("faststream")
+        )
         self.relay = OutboxRelay(
             name, self.engine, self.sessions, self.settings.kafka_bootstrap_servers, self.settings.outbox_poll_seconds
         )

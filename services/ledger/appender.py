@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -13,6 +15,7 @@ from shared.decisions import Decision
 from shared.observability import LEDGER_SIZE
 
 _WRITER = "gputrace.log_writer"
+log = logging.getLogger(__name__)
 
 
 class Appender:
@@ -34,6 +37,18 @@ class Appender:
             party_id=decision.party_id,
         )
         await project(session, decision, appended.leaf_index)
+        log.info(
+            "appended %s",
+            decision.event_type,
+            extra={
+                "leaf_index": appended.leaf_index,
+                "decision_id": decision.decision_id,
+                "event_id": (decision.event or {}).get("id"),
+                "batch_id": decision.batch_id,
+                "party": decision.party_id,
+                "traceparent": event.trace.get("traceparent"),
+            },
+        )
 
     async def after_batch(self, session: AsyncSession) -> None:
         writer: LogWriter | None = session.info.pop(_WRITER, None)

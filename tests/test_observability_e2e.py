@@ -1,0 +1,107 @@
+"""Observability through real Kafka: W3C trace context from partner to ledger, structured JSON logs
+naming event, batch and party, and Prometheus metrics on every service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import uuid
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.devstack import Stack
+from tests.partner import PartnerClient, TopicWatcher
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    out = []
+    for line in text.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+    return out
+
+
+async def _log_line(stack: Stack, service: str, match: dict[str, object], timeout: float = 30) -> dict[str, object]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        text = stack.processes[service].log_path.read_text(errors="replace")
+        for doc in _json_lines(text):
+            if all(doc.get(k) == v for k, v in match.items()):
+                return doc
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no {service} log line with {match}")
+        await asyncio.sleep(0.3)
+
+
+async def test_trace_context_and_structured_logs_from_partner_to_ledger(
+    partner: PartnerClient, outcomes: TopicWatcher, kafka_bootstrap: str, stack: Stack
+) -> None:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    pledge = f"TR-{uuid.uuid4().hex[:8]}"
+    data = {
+        "pledge_id": pledge, "partner_id": "naver-cloud", "program_id": "trace", "kind": "capacity",
+        "capacity": {"gpu_hours": 1000}, "committed_at": "2025-03-01T00:00:00Z", "due_by": "2025-12-31",
+    }  # fmt: skip
+    key, value, headers, event_id = partner.record("naver-cloud", "pledge.committed.v1", data)
+    headers.append(("traceparent", f"00-{trace_id}-{span_id}-01".encode()))
+    decisions = await TopicWatcher(kafka_bootstrap, "gputrace.pledges.decisions.v1").start()
+    try:
+        await partner.send_raw("partner.pledges.v1", key, value, headers)
+        await outcomes.outcome(event_id)
+
+        def decision_record() -> object:
+            return next(
+                (r for r in decisions.records if json.loads(r.value).get("event", {}).get("id") == event_id), None
+            )
+
+        await decisions.wait(lambda: decision_record() is not None)
+        record = decision_record()
+    finally:
+        await decisions.stop()
+    traceparent = dict(record.headers)["traceparent"].decode()  # type: ignore[attr-defined]
+    version, tid, child_span, flags = traceparent.split("-")
+    assert (version, tid, flags) == ("00", trace_id, "01")
+    assert child_span != span_id, "the service's span is a child of the partner's, not a copy"
+
+    # The pledges service logs the decision as JSON naming event and party; the ledger logs the
+    # append with its leaf index, under the same trace.
+    decided = await _log_line(stack, "pledges", {"event_id": event_id})
+    assert decided["party"] == "naver-cloud" and decided["level"] == "INFO"
+    appended = await _log_line(stack, "ledger", {"event_id": event_id})
+    assert str(appended["traceparent"]).split("-")[1] == trace_id
+    assert isinstance(appended["leaf_index"], int)
+
+
+async def test_every_service_serves_prometheus_metrics(stack: Stack, api: httpx.AsyncClient) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        texts = {
+            name: (await client.get(f"http://127.0.0.1:{stack.ports[name]}/metrics/")).raise_for_status().text
+            for name in stack.processes
+        }
+    for name, text in texts.items():
+        for metric in (
+            "gputrace_outbox_backlog gauge",
+            "gputrace_batch_seconds histogram",
+            "gputrace_events_consumed_total counter",
+            "gputrace_decisions_total counter",
+        ):
+            assert f"# TYPE {metric}" in text, (name, metric)
+    wanted = {"service": "pledges", "event_type": "gputrace.pledge.committed.v1", "status": "accepted", "reason": ""}
+    accepted = [
+        sample.value
+        for family in text_string_to_metric_families(texts["pledges"])
+        for sample in family.samples
+        if sample.name == "gputrace_decisions_total" and sample.labels == wanted
+    ]
+    assert accepted and accepted[0] > 0
+    size = [line for line in texts["ledger"].splitlines() if line.startswith("gputrace_ledger_size ")]
+    assert size and float(size[0].split()[1]) > 0
