@@ -24,7 +24,10 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 from pydantic import ValidationError
+from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import select, tuple_
+from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.cloudevents import CloudEvent, UnreadableRecord, child_trace, from_record, now_rfc3339
@@ -52,7 +55,7 @@ from shared.decisions import (
     decision_id,
 )
 from shared.observability import DEAD_LETTERS, DECISIONS, DUPLICATES, EVENTS_CONSUMED
-from shared.outbox import enqueue
+from shared.outbox import Pending, enqueue, pending_of
 from shared.parties import PartyRegistry, RegisteredParty
 
 log = logging.getLogger(__name__)
@@ -152,9 +155,55 @@ class _Rollback(Exception):
         self.verdict = verdict
 
 
+@dataclass
+class _Item:
+    """One polled record, read and authenticated before the transaction starts (CPU only)."""
+
+    record: ConsumerRecord
+    key: tuple[str, str]  # the idempotency key: (ce_source, ce_id), or the Kafka position
+    event: CloudEvent | None = None
+    unreadable: str | None = None
+    party: RegisteredParty | None = None
+    authentic: bool = False
+
+
+class NeedsSafeMode(Exception):
+    """The fast path cannot decide this batch cleanly; it is replayed record by record."""
+
+
+class _Watch:
+    """Notices a handler's changes reaching the session: a rejected event must leave none."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.active = False
+        self.changed = False
+        sa_event.listen(session.sync_session, "before_flush", self._before_flush)
+
+    def _before_flush(self, session: Any, *_: Any) -> None:
+        if self.active and _domain_changes(session):
+            self.changed = True
+
+    def __enter__(self) -> _Watch:
+        self.active, self.changed = True, False
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.active = False
+
+
+def _domain_changes(session: Any) -> bool:
+    return bool(session.new or session.dirty or session.deleted)
+
+
 class BatchProcessor:
     """Turns polled records into decisions, for one service. Pure of Kafka client state: the
-    subscriber feeds it records and acks once `process` has returned."""
+    subscriber feeds it records and acks once `process` has returned.
+
+    Fast path: the whole batch in one transaction, one query for the idempotency keys, no
+    savepoints. If a handler fails, or rejects an event after changing state, the transaction is
+    rolled back and the batch replayed in safe mode: a savepoint per record, so the failing
+    record alone is rolled back (and dead-lettered) and the rest are decided as before.
+    """
 
     def __init__(
         self,
@@ -175,43 +224,99 @@ class BatchProcessor:
         self._after_batch = after_batch
 
     async def process(self, records: Sequence[ConsumerRecord]) -> None:
+        items = [self._read(record) for record in records]
+        for record in records:
+            EVENTS_CONSUMED.labels(self.service, record.topic).inc()
+        try:
+            await self._run(items, safe=False)
+        except NeedsSafeMode as why:
+            log.warning("batch of %d replayed record by record: %s", len(items), why)
+            await self._run(items, safe=True)
+
+    def _read(self, record: ConsumerRecord) -> _Item:
+        try:
+            ev = from_record(record.value, record.headers)
+        except UnreadableRecord as exc:
+            return _Item(record, _kafka_key(record), unreadable=str(exc))
+        if record.topic in self._internal_topics:
+            return _Item(record, (ev.source, ev.id), event=ev)
+        party = self._registry.by_source(ev.source) if self._registry else None
+        authentic = party is not None and ev.verify(party.public_key)
+        # An unauthenticated record must not claim the id of a genuine one: its idempotency key
+        # includes a digest of its bytes, so a forgery never shadows the real event.
+        key = (ev.source, ev.id if authentic else f"{ev.id}#{_digest(record)}")
+        return _Item(record, key, event=ev, party=party, authentic=authentic)
+
+    async def _run(self, items: list[_Item], safe: bool) -> None:
         async with self._sessions() as session, session.begin():
-            for record in records:
-                EVENTS_CONSUMED.labels(self.service, record.topic).inc()
-                await self._one(session, record)
+            pending = Pending.attach(session)
+            seen = await _already_processed(session, [i.key for i in items])
+            watch = _Watch(session)
+            for item in items:
+                if item.key in seen:
+                    DUPLICATES.labels(self.service).inc()
+                    continue
+                seen.add(item.key)
+                await self._one(session, item, watch, safe)
+            await pending.write(session)
             if self._after_batch:
                 await self._after_batch(session)
 
-    async def _one(self, session: AsyncSession, record: ConsumerRecord) -> None:
-        try:
-            event = from_record(record.value, record.headers)
-        except UnreadableRecord as exc:
-            await self._dead_letter(session, record, str(exc))
+    async def _one(self, session: AsyncSession, item: _Item, watch: _Watch, safe: bool) -> None:
+        if item.unreadable is not None:
+            self._dead_letter(session, item.record, item.unreadable)
             return
+        assert item.event is not None
+        pending = pending_of(session)
+        mark = pending.mark()
         try:
-            async with session.begin_nested():
-                # Routed by topic, never by the claimed source: only services write decision topics.
-                if record.topic in self._internal_topics:
-                    await self._internal(session, event)
-                else:
-                    await self._partner(session, record, event)
+            if safe:
+                async with session.begin_nested():
+                    await self._decide(session, item, watch, safe)
+            else:
+                await self._decide(session, item, watch, safe)
+        except NeedsSafeMode:
+            raise
         except Exception as exc:
             if _is_infrastructure(exc):
                 raise
-            log.exception("handler failed", extra={"event_id": event.id, "source": event.source})
-            await self._dead_letter(session, record, f"handler failed: {type(exc).__name__}: {exc}")
+            if not safe:
+                raise NeedsSafeMode(f"{type(exc).__name__}: {exc}") from exc
+            pending.reset(mark)
+            log.exception("handler failed", extra={"event_id": item.event.id, "source": item.event.source})
+            self._dead_letter(session, item.record, f"handler failed: {type(exc).__name__}: {exc}")
+
+    async def _decide(self, session: AsyncSession, item: _Item, watch: _Watch, safe: bool) -> None:
+        # Routed by topic, never by the claimed source: only services write decision topics.
+        if item.record.topic in self._internal_topics:
+            await self._internal(session, item)
+        else:
+            await self._partner(session, item, watch, safe)
+
+    async def _call(self, session: AsyncSession, watch: _Watch, safe: bool, handler: PartnerHandler,
+                    inbound: Inbound) -> Verdict:
+        """Run a domain handler; a rejection leaves no change behind."""
+        if not safe:
+            with watch:
+                verdict = await handler(session, inbound)
+            if isinstance(verdict, Rejected) and (watch.changed or _domain_changes(session)):
+                raise NeedsSafeMode(f"{inbound.spec.type} was rejected after changing state")
+            return verdict
+        try:
+            async with session.begin_nested():
+                verdict = await handler(session, inbound)
+                if isinstance(verdict, Rejected):
+                    raise _Rollback(verdict)
+        except _Rollback as rb:
+            return rb.verdict
+        return verdict
 
     # --- partner events -------------------------------------------------------------------
 
-    async def _partner(self, session: AsyncSession, record: ConsumerRecord, event: CloudEvent) -> None:
-        party = self._registry.by_source(event.source) if self._registry else None
-        authentic = party is not None and event.verify(party.public_key)
-        # An unauthenticated record must not claim the id of a genuine one: its dedupe key
-        # includes a digest of its bytes, so a forgery never shadows the real event.
-        dedupe_id = event.id if authentic else f"{event.id}#{_digest(record)}"
-        if await self._seen(session, event.source, dedupe_id):
-            return
-        verdict, inbound = self._admit(record, event, party, authentic)
+    async def _partner(self, session: AsyncSession, item: _Item, watch: _Watch, safe: bool) -> None:
+        record, event, party = item.record, item.event, item.party
+        assert event is not None
+        verdict, inbound = self._admit(record, event, party, item.authentic)
         if inbound is not None:
             handler = self._partner_handlers.get(inbound.spec.type)
             if handler is None:
@@ -220,18 +325,12 @@ class BatchProcessor:
                     message=f"{event.type} is not handled by the {self.service} service",
                 )
             else:
-                try:
-                    async with session.begin_nested():
-                        verdict = await handler(session, inbound)
-                        if isinstance(verdict, Rejected):
-                            raise _Rollback(verdict)
-                except _Rollback as rb:
-                    verdict = rb.verdict
+                verdict = await self._call(session, watch, safe, handler, inbound)
         assert verdict is not None
         spec = EVENTS.get(event.type)
         aggregate = inbound.aggregate_id if inbound else _guess(event, spec)
         decision = Decision(
-            decision_id=decision_id(self.service, event.source, dedupe_id),
+            decision_id=decision_id(self.service, *item.key),
             service=self.service,
             decided_at=utcnow(),
             status=verdict.status,
@@ -272,7 +371,7 @@ class BatchProcessor:
                 trace=trace,
             ),
         )
-        await self._mark(session, event.source, dedupe_id, decision.decision_id)
+        _mark(session, item.key, decision.decision_id)
         log.info(
             "decided %s %s",
             event.type,
@@ -326,32 +425,20 @@ class BatchProcessor:
 
     # --- decisions of other services ------------------------------------------------------
 
-    async def _internal(self, session: AsyncSession, event: CloudEvent) -> None:
+    async def _internal(self, session: AsyncSession, item: _Item) -> None:
+        event = item.event
+        assert event is not None
         if self._internal_handler is None:
             raise RuntimeError(f"{self.service} reads {event.type} from a decision topic but has no internal handler")
-        if await self._seen(session, event.source, event.id):
-            return
         decision = Decision.model_validate(event.data)
         emitter = Emitter(self.service, session, event, child_trace(event.trace))
         await self._internal_handler(session, event, decision, emitter)
-        await self._mark(session, event.source, event.id, None)
+        _mark(session, item.key, None)
 
-    # --- shared steps ---------------------------------------------------------------------
+    # --- records that are not events ------------------------------------------------------
 
-    async def _seen(self, session: AsyncSession, source: str, event_id: str) -> bool:
-        if await session.get(ProcessedMessage, (source, event_id)) is not None:
-            DUPLICATES.labels(self.service).inc()
-            return True
-        return False
-
-    async def _mark(self, session: AsyncSession, source: str, event_id: str, decision: str | None) -> None:
-        session.add(ProcessedMessage(source=source, event_id=event_id, decision_id=decision))
-        await session.flush()
-
-    async def _dead_letter(self, session: AsyncSession, record: ConsumerRecord, reason: str) -> None:
-        where = f"{record.topic}/{record.partition}"
-        if await self._seen(session, f"kafka:{where}", str(record.offset)):
-            return
+    def _dead_letter(self, session: AsyncSession, record: ConsumerRecord, reason: str) -> None:
+        where, offset = _kafka_key(record)
         DEAD_LETTERS.labels(self.service, record.topic).inc()
         letter = DeadLetter(
             reason=reason,
@@ -368,16 +455,42 @@ class BatchProcessor:
             session,
             DLQ_TOPIC,
             CloudEvent(
-                id=decision_id(self.service, f"kafka:{where}", str(record.offset)),
+                id=decision_id(self.service, where, offset),
                 source=service_source(self.service),
                 type=DLQ_TYPE,
-                subject=where,
+                subject=where.removeprefix("kafka:"),
                 time=now_rfc3339(),
                 data=letter.model_dump(mode="json"),
             ),
         )
-        await self._mark(session, f"kafka:{where}", str(record.offset), None)
-        log.warning("dead-lettered %s@%s: %s", where, record.offset, reason)
+        # Keyed by position: the same bad record redelivered is not dead-lettered twice.
+        _mark(session, (where, offset), None)
+        log.warning("dead-lettered %s@%s: %s", where, offset, reason)
+
+
+def _kafka_key(record: ConsumerRecord) -> tuple[str, str]:
+    return f"kafka:{record.topic}/{record.partition}", str(record.offset)
+
+
+async def _already_processed(session: AsyncSession, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """One query for the whole batch (in chunks): which of these were decided before."""
+    found: set[tuple[str, str]] = set()
+    unique = sorted(set(keys))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        rows = await session.execute(
+            select(ProcessedMessage.source, ProcessedMessage.event_id).where(
+                tuple_(col(ProcessedMessage.source), col(ProcessedMessage.event_id)).in_(chunk)
+            )
+        )
+        found.update((source, event_id) for source, event_id in rows)
+    return found
+
+
+def _mark(session: AsyncSession, key: tuple[str, str], decision: str | None) -> None:
+    pending_of(session).processed.append(
+        {"source": key[0], "event_id": key[1], "decision_id": decision, "processed_at": utcnow()}
+    )
 
 
 def _digest(record: ConsumerRecord) -> str:

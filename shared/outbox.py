@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.cloudevents import CloudEvent
-from shared.db import OutboxMessage, is_postgres
+from shared.db import OutboxMessage, ProcessedMessage, is_postgres, utcnow
 from shared.observability import OUTBOX_BACKLOG, OUTBOX_PUBLISHED
 
 log = logging.getLogger(__name__)
@@ -25,15 +26,56 @@ log = logging.getLogger(__name__)
 RELAY_BATCH = 1000
 
 
+_PENDING = "gputrace.pending"
+
+
+class Pending:
+    """The outbox and processed-message rows of one transaction, written in one bulk INSERT
+    each just before it commits, instead of a round trip per record."""
+
+    def __init__(self) -> None:
+        self.outbox: list[dict[str, Any]] = []
+        self.processed: list[dict[str, Any]] = []
+
+    @classmethod
+    def attach(cls, session: AsyncSession) -> Pending:
+        pending = session.info[_PENDING] = cls()
+        return pending
+
+    def mark(self) -> tuple[int, int]:
+        return len(self.outbox), len(self.processed)
+
+    def reset(self, mark: tuple[int, int]) -> None:
+        """Forget what a record rolled back to its savepoint had added."""
+        del self.outbox[mark[0] :]
+        del self.processed[mark[1] :]
+
+    async def write(self, session: AsyncSession) -> None:
+        # In list order, so outbox ids (and the relay's publishing order) follow decision order.
+        if self.outbox:
+            await session.execute(insert(OutboxMessage), self.outbox)
+        if self.processed:
+            await session.execute(insert(ProcessedMessage), self.processed)
+        self.outbox, self.processed = [], []
+
+
+def pending_of(session: AsyncSession) -> Pending:
+    pending = session.info.get(_PENDING)
+    if pending is None:
+        raise RuntimeError("no pending rows on this session: use the BatchProcessor's transaction")
+    return pending
+
+
 def enqueue(session: AsyncSession, topic: str, event: CloudEvent) -> None:
     key, value, headers = event.as_record()
-    session.add(
-        OutboxMessage(
-            topic=topic,
-            key=key,
-            value=value,
-            headers=json.dumps([[k, v.decode()] for k, v in headers]),
-        )
+    pending_of(session).outbox.append(
+        {
+            "topic": topic,
+            "key": key,
+            "value": value,
+            "headers": json.dumps([[k, v.decode()] for k, v in headers]),
+            "created_at": utcnow(),
+        }
     )
 
 

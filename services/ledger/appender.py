@@ -27,6 +27,8 @@ class Appender:
         writer = session.info.get(_WRITER)
         if writer is None:
             writer = session.info[_WRITER] = await LogWriter.open(session)
+        # Projections first: if they fail, nothing was appended and the frontier has not moved.
+        await project(session, decision, writer.size)
         appended = writer.append(
             decision.model_dump(mode="json"),
             service=decision.service,
@@ -36,7 +38,6 @@ class Appender:
             aggregate_id=decision.aggregate_id,
             party_id=decision.party_id,
         )
-        await project(session, decision, appended.leaf_index)
         log.info(
             "appended %s",
             decision.event_type,

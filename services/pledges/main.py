@@ -29,29 +29,20 @@ class PledgeRow(SQLModel, table=True):
     state: str = Field(description="JSON snapshot of the pledge (domain.Pledge.snapshot)")
 
 
-async def _load(session: AsyncSession, pledge_id: str) -> domain.Pledge | None:
-    row = await session.get(PledgeRow, pledge_id)
-    return domain.Pledge.from_snapshot(json.loads(row.state)) if row else None
-
-
-async def _save(session: AsyncSession, pledge: domain.Pledge) -> None:
-    row = await session.get(PledgeRow, pledge.pledge_id)
-    state = json.dumps(pledge.snapshot())
-    if row is None:
-        session.add(PledgeRow(pledge_id=pledge.pledge_id, partner_id=pledge.partner_id, state=state))
-    else:
-        row.state = state
-        session.add(row)
-
-
 def _handler(rule: Callable[[domain.Pledge | None, object], domain.Pledge], verb: str):  # type: ignore[no-untyped-def]
     async def handle(session: AsyncSession, inbound: Inbound) -> Verdict:
         pledge_id = inbound.aggregate_id
+        row = await session.get(PledgeRow, pledge_id)
+        current = domain.Pledge.from_snapshot(json.loads(row.state)) if row else None
         try:
-            pledge = rule(await _load(session, pledge_id), inbound.data)
+            pledge = rule(current, inbound.data)
         except domain.RuleBroken as broken:
             return Rejected(reason_code=broken.code, message=broken.message)
-        await _save(session, pledge)
+        state = json.dumps(pledge.snapshot())
+        if row is None:
+            session.add(PledgeRow(pledge_id=pledge.pledge_id, partner_id=pledge.partner_id, state=state))
+        else:
+            row.state = state
         return Accepted(message=f"pledge {pledge_id} {verb}", facts={"pledge": pledge.snapshot()})
 
     return handle
