@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Column, LargeBinary, Text, select, text, tuple_
+from sqlalchemy import Column, LargeBinary, Text, insert, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -131,6 +131,9 @@ class LogWriter:
         self._head = head
         self._frontier = frontier
         self.start_size = head.size
+        # Written in two bulk INSERTs by finish(), not one ORM object at a time.
+        self._entries: list[dict[str, Any]] = []
+        self._nodes: list[dict[str, Any]] = []
 
     @classmethod
     async def open(cls, session: AsyncSession) -> LogWriter:
@@ -152,16 +155,16 @@ class LogWriter:
         body = canonical_json(entry)
         leaf = merkle.leaf_hash(body)
         index = self._frontier.size
-        for level, idx, h in self._frontier.append(leaf):
-            self._session.add(LogNode(level=level, idx=idx, hash=h))
-        self._session.add(
-            LogEntry(
-                leaf_index=index,
-                decision_id=entry["decision_id"],
-                entry=body.decode(),
-                leaf_hash=leaf,
+        self._nodes.extend({"level": lvl, "idx": i, "hash": h} for lvl, i, h in self._frontier.append(leaf))
+        self._entries.append(
+            {
+                "leaf_index": index,
+                "decision_id": entry["decision_id"],
+                "entry": body.decode(),
+                "leaf_hash": leaf,
+                "appended_at": utcnow(),
                 **index_columns,
-            )
+            }
         )
         return Appended(index, leaf)
 
@@ -172,7 +175,9 @@ class LogWriter:
         """Advance the head and sign a checkpoint for the new size (one per batch of appends)."""
         if self._frontier.size == self.start_size:
             return None
-        await self._session.flush()
+        await self._session.execute(insert(LogEntry), self._entries)
+        await self._session.execute(insert(LogNode), self._nodes)
+        self._entries, self._nodes = [], []
         root = self._frontier.root()
         await _check_consistent_with_last(self._session, self._frontier.size, root)
         self._head.size = self._frontier.size
