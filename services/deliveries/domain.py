@@ -198,6 +198,10 @@ def _outside(serials: Iterable[str], known: Known, batch_id: str, states: frozen
     ]
 
 
+def _units(n: int) -> str:
+    return f"{n:,} unit" if n == 1 else f"{n:,} units"
+
+
 def _no_repeats(serials: Iterable[str], where: str) -> None:
     repeated = [s for s, n in Counter(serials).items() if n > 1]
     if repeated:
@@ -226,7 +230,7 @@ def dispatch(batch: Batch | None, shipment_exists: bool, known: Known, e: Shipme
         # Goods shipped for a batch nobody awarded were shipped without export clearance too.
         violation = anomaly(
             "EXPORT_VIOLATION",
-            f"dispatch of {n} units for batch {e.batch_id!r}, which has no award and no export clearance",
+            f"dispatch of {_units(n)} for batch {e.batch_id!r}, which has no award and no export clearance",
             e.batch_id,
             shipment_id=e.shipment_id,
             export_status="none",
@@ -238,7 +242,7 @@ def dispatch(batch: Batch | None, shipment_exists: bool, known: Known, e: Shipme
         code = ReasonCode.EXPORT_DENIED if status in DENIED_STATUSES else ReasonCode.EXPORT_NOT_CLEARED
         violation = anomaly(
             "EXPORT_VIOLATION",
-            f"dispatch of {n} units before export clearance (export status: {status})",
+            f"dispatch of {_units(n)} before export clearance (export status: {status})",
             e.batch_id,
             shipment_id=e.shipment_id,
             export_status=status,
@@ -312,7 +316,7 @@ def receive(
         anomalies.append(
             anomaly(
                 "DAMAGED_IN_TRANSIT",
-                f"{len(damaged)} units of shipment {e.shipment_id} received damaged",
+                f"{_units(len(damaged))} of shipment {e.shipment_id} received damaged",
                 e.batch_id,
                 severity="medium",
                 shipment_id=e.shipment_id,
@@ -323,7 +327,7 @@ def receive(
         anomalies.append(
             anomaly(
                 "MISSING_IN_TRANSIT",
-                f"{len(missing)} units dispatched in shipment {e.shipment_id} did not arrive",
+                f"{_units(len(missing))} dispatched in shipment {e.shipment_id} did not arrive",
                 e.batch_id,
                 shipment_id=e.shipment_id,
                 serials=sorted(missing),
@@ -374,7 +378,7 @@ def accept(batch: Batch | None, known: Known, e: BatchAccepted) -> Acceptance:
         anomalies.append(
             anomaly(
                 "ACCEPTANCE_FAILED",
-                f"{len(failed)} units of batch {e.batch_id} failed acceptance",
+                f"{_units(len(failed))} of batch {e.batch_id} failed acceptance",
                 e.batch_id,
                 severity="medium",
                 serials=sorted(failed),
