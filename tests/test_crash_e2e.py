@@ -130,7 +130,11 @@ async def run_crash(
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-async def test_a_service_killed_mid_stream(
+Crash = Callable[[], Awaitable[None]]
+
+
+@pytest.fixture
+def crash_mid_stream(
     partner: PartnerClient,
     outcomes: TopicWatcher,
     stack: Stack,
@@ -138,26 +142,26 @@ async def test_a_service_killed_mid_stream(
     tokens: dict[str, str],
     keys_dir: Path,
     tmp_path: Path,
-) -> None:
+) -> Callable[[Crash], Awaitable[None]]:
+    async def run(crash: Crash) -> None:
+        await run_crash(crash, partner, outcomes, stack, database_urls, tokens, keys_dir, tmp_path)
+
+    return run
+
+
+async def test_a_service_killed_mid_stream(stack: Stack, crash_mid_stream: Callable[[Crash], Awaitable[None]]) -> None:
     async def crash() -> None:
         # The ledger this time (the pledges service has its own kill test): its appends are batched.
         stack.processes["ledger"].kill()
         await asyncio.sleep(1)
         stack.processes["ledger"].start()
 
-    await run_crash(crash, partner, outcomes, stack, database_urls, tokens, keys_dir, tmp_path)
+    await crash_mid_stream(crash)
     await asyncio.to_thread(stack.wait_ready, 60)
 
 
 async def test_the_broker_killed_mid_stream(
-    local_kafka: LocalKafka | None,
-    partner: PartnerClient,
-    outcomes: TopicWatcher,
-    stack: Stack,
-    database_urls: dict[str, str],
-    tokens: dict[str, str],
-    keys_dir: Path,
-    tmp_path: Path,
+    local_kafka: LocalKafka | None, crash_mid_stream: Callable[[Crash], Awaitable[None]]
 ) -> None:
     if local_kafka is None:
         pytest.skip("the broker is not ours to kill (external Kafka)")
@@ -167,18 +171,13 @@ async def test_the_broker_killed_mid_stream(
         await asyncio.sleep(2)
         await asyncio.to_thread(local_kafka.start)
 
-    await run_crash(crash, partner, outcomes, stack, database_urls, tokens, keys_dir, tmp_path)
+    await crash_mid_stream(crash)
 
 
 async def test_postgres_killed_mid_stream(
     local_postgres: LocalPostgres | None,
-    partner: PartnerClient,
     outcomes: TopicWatcher,
-    stack: Stack,
-    database_urls: dict[str, str],
-    tokens: dict[str, str],
-    keys_dir: Path,
-    tmp_path: Path,
+    crash_mid_stream: Callable[[Crash], Awaitable[None]],
 ) -> None:
     if local_postgres is None:
         pytest.skip("the database server is not ours to kill (external PostgreSQL)")
@@ -190,4 +189,4 @@ async def test_postgres_killed_mid_stream(
         await asyncio.sleep(3)
         await asyncio.to_thread(local_postgres.start)
 
-    await run_crash(crash, partner, outcomes, stack, database_urls, tokens, keys_dir, tmp_path)
+    await crash_mid_stream(crash)
