@@ -293,8 +293,9 @@ class BatchProcessor:
         else:
             await self._partner(session, item, watch, safe)
 
-    async def _call(self, session: AsyncSession, watch: _Watch, safe: bool, handler: PartnerHandler,
-                    inbound: Inbound) -> Verdict:
+    async def _call(
+        self, session: AsyncSession, watch: _Watch, safe: bool, handler: PartnerHandler, inbound: Inbound
+    ) -> Verdict:
         """Run a domain handler; a rejection leaves no change behind."""
         if not safe:
             with watch:

@@ -49,6 +49,28 @@ class Rejected(BaseModel):
 Verdict = Accepted | Rejected
 
 
+class RuleBroken(Exception):
+    """Raised by a service's pure domain rules when an event breaks one; the handler answers with
+    `rejected()`. Facts and anomalies let a rejection carry what auditors must see."""
+
+    def __init__(
+        self,
+        code: ReasonCode,
+        message: str,
+        *,
+        facts: dict[str, Any] | None = None,
+        anomalies: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.facts = facts or {}
+        self.anomalies = anomalies or []
+
+    def rejected(self) -> Rejected:
+        return Rejected(reason_code=self.code, message=self.message, facts=self.facts, anomalies=self.anomalies)
+
+
 class Decision(BaseModel):
     """One decision of one service; the unit the ledger appends."""
 

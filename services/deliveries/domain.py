@@ -25,6 +25,7 @@ from shared.contract import (
     ShipmentDispatched,
     ShipmentReceived,
 )
+from shared.decisions import RuleBroken
 from shared.facts import CLEARED_STATUSES, AwardFacts, DeliveryFacts, ExportFacts, anomaly
 
 # Serial states. `missing` is a serial its shipment arrived without: no longer in transit,
@@ -48,14 +49,6 @@ _EXPORT_RANK = {"license_required": 0, "cleared": 1, "denied": 1, "licensed": 2,
 
 # How many serials a message names before it says "and N more"; messages stay readable.
 _NAMED = 5
-
-
-class RuleBroken(Exception):
-    def __init__(self, code: ReasonCode, message: str, anomalies: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.anomalies = anomalies or []
 
 
 class SerialInfo(NamedTuple):
@@ -235,7 +228,7 @@ def dispatch(batch: Batch | None, shipment_exists: bool, known: Known, e: Shipme
             shipment_id=e.shipment_id,
             export_status="none",
         )
-        raise RuleBroken(ReasonCode.UNKNOWN_BATCH, f"no awarded batch {e.batch_id!r}", [violation])
+        raise RuleBroken(ReasonCode.UNKNOWN_BATCH, f"no awarded batch {e.batch_id!r}", anomalies=[violation])
     b = batch
     if b.export_status not in CLEARED_STATUSES:
         status = b.export_status or "none"
@@ -247,7 +240,7 @@ def dispatch(batch: Batch | None, shipment_exists: bool, known: Known, e: Shipme
             shipment_id=e.shipment_id,
             export_status=status,
         )
-        raise RuleBroken(code, f"batch {e.batch_id!r} is not export-cleared (status: {status})", [violation])
+        raise RuleBroken(code, f"batch {e.batch_id!r} is not export-cleared (status: {status})", anomalies=[violation])
     if shipment_exists:
         raise RuleBroken(ReasonCode.DUPLICATE_SHIPMENT, f"shipment {e.shipment_id!r} was already dispatched")
     _no_repeats(e.serials, f"shipment {e.shipment_id!r}")

@@ -201,10 +201,6 @@ async def _set_state(session: AsyncSession, serials: Iterable[str], state: str) 
 # --- verdicts -----------------------------------------------------------------------------
 
 
-def _rejected(broken: domain.RuleBroken) -> Rejected:
-    return Rejected(reason_code=broken.code, message=broken.message, anomalies=broken.anomalies)
-
-
 def _accepted(
     message: str,
     batch: domain.Batch,
@@ -228,7 +224,7 @@ def _handler(kind: type[D], step: Callable[[AsyncSession, D], Awaitable[Verdict]
         try:
             return await step(session, inbound.data)
         except domain.RuleBroken as broken:
-            return _rejected(broken)
+            return broken.rejected()
 
     return handle
 

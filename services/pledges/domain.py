@@ -19,13 +19,7 @@ from shared.contract import (
     PledgeWithdrawn,
     ReasonCode,
 )
-
-
-class RuleBroken(Exception):
-    def __init__(self, code: ReasonCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+from shared.decisions import RuleBroken
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.pledges import domain
 from shared.consumer import Inbound
 from shared.contract import PLEDGES_TOPIC, event_type
-from shared.decisions import Accepted, Rejected, Verdict
+from shared.decisions import Accepted, Verdict
 from shared.service import Service, run_service
 
 SERVICE = "pledges"
@@ -37,7 +37,7 @@ def _handler(rule: Callable[[domain.Pledge | None, object], domain.Pledge], verb
         try:
             pledge = rule(current, inbound.data)
         except domain.RuleBroken as broken:
-            return Rejected(reason_code=broken.code, message=broken.message)
+            return broken.rejected()
         state = json.dumps(pledge.snapshot())
         if row is None:
             session.add(PledgeRow(pledge_id=pledge.pledge_id, partner_id=pledge.partner_id, state=state))

@@ -34,26 +34,12 @@ from shared.contract import (
     QuoteWithdrawn,
     ReasonCode,
 )
+from shared.decisions import RuleBroken
 from shared.facts import AwardFacts, BatchFacts, Funding, anomaly
 
 # Money arithmetic never rounds silently: sums and products are computed at this precision
 # and a result that would need more digits is refused rather than rounded.
 MONEY_PRECISION = 60
-
-
-class RuleBroken(Exception):
-    def __init__(
-        self,
-        code: ReasonCode,
-        message: str,
-        facts: dict[str, Any] | None = None,
-        anomalies: list[dict[str, Any]] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.facts = facts or {}
-        self.anomalies = anomalies or []
 
 
 def _exact(compute: Callable[[], Decimal]) -> Decimal | None:

@@ -27,7 +27,7 @@ from shared.contract import (
     decisions_topic,
     event_type,
 )
-from shared.decisions import Accepted, Decision, Rejected, Verdict
+from shared.decisions import Accepted, Decision, Verdict
 from shared.facts import AWARD, BATCH, PLEDGE
 from shared.service import Service, run_service
 
@@ -167,10 +167,6 @@ def _replace(quotes: list[domain.Quote], *changed: domain.Quote) -> list[domain.
     return list(by_id.values())
 
 
-def _refused(broken: domain.RuleBroken) -> Rejected:
-    return Rejected(reason_code=broken.code, message=broken.message, facts=broken.facts, anomalies=broken.anomalies)
-
-
 # --- partner handlers ---------------------------------------------------------------------
 
 
@@ -180,7 +176,7 @@ async def on_batch_requested(session: AsyncSession, inbound: Inbound) -> Verdict
     try:
         batch = domain.request_batch(await _batch(session, e.batch_id), e)
     except domain.RuleBroken as broken:
-        return _refused(broken)
+        return broken.rejected()
     await _save_batch(session, batch)
     return Accepted(message=f"batch {batch.batch_id} requested", facts={BATCH: _batch_facts(batch, [])})
 
@@ -192,7 +188,7 @@ async def on_quote_submitted(session: AsyncSession, inbound: Inbound) -> Verdict
     try:
         quote = domain.submit_quote(batch, await _quote(session, e.quote_id), e)
     except domain.RuleBroken as broken:
-        return _refused(broken)
+        return broken.rejected()
     assert batch is not None
     quotes = _replace(await _quotes_of(session, batch.batch_id), quote)
     await _save_quote(session, quote)
@@ -208,7 +204,7 @@ async def on_quote_withdrawn(session: AsyncSession, inbound: Inbound) -> Verdict
     try:
         quote = domain.withdraw_quote(await _quote(session, e.quote_id), e)
     except domain.RuleBroken as broken:
-        return _refused(broken)
+        return broken.rejected()
     batch = await _batch(session, quote.batch_id)
     assert batch is not None  # a quote is only ever stored for an existing batch
     quotes = _replace(await _quotes_of(session, batch.batch_id), quote)
@@ -229,7 +225,7 @@ async def on_quote_awarded(session: AsyncSession, inbound: Inbound) -> Verdict:
             batch, await _quote(session, e.quote_id), batch_quotes, await _earmarks_for(session, e.batch_id), e
         )
     except domain.RuleBroken as broken:
-        return _refused(broken)
+        return broken.rejected()
     await _save_batch(session, result.batch)
     for quote in (result.quote, *result.not_awarded):
         await _save_quote(session, quote)
