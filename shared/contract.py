@@ -43,6 +43,14 @@ TOPIC_PARTITIONS: dict[str, int] = {
     **{decisions_topic(s): 3 for s in SERVICES},
 }
 
+# Partner events and decisions are the record a service (or a new ledger) rebuilds from: kept
+# forever. Outcomes are receipts partners read as they come: kept 30 days.
+RETAIN_FOREVER = {"retention.ms": "-1"}
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    **{t: RETAIN_FOREVER for t in TOPIC_PARTITIONS if t != OUTCOMES_TOPIC},
+    OUTCOMES_TOPIC: {"retention.ms": str(30 * 24 * 3600 * 1000)},
+}
+
 TYPE_PREFIX = "gputrace."
 
 

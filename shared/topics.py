@@ -8,7 +8,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
-from shared.contract import TOPIC_PARTITIONS
+from shared.contract import TOPIC_CONFIGS, TOPIC_PARTITIONS
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,11 @@ async def ensure_topics(
             await asyncio.sleep(1)
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(t, n, replication) for t, n in wanted.items() if t not in existing]
+        missing = [
+            NewTopic(t, n, replication, topic_configs=TOPIC_CONFIGS.get(t, {}))
+            for t, n in wanted.items()
+            if t not in existing
+        ]
         if missing:
             try:
                 await admin.create_topics(missing)
