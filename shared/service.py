@@ -23,7 +23,7 @@ from prometheus_client import make_asgi_app
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.consumer import BatchHook, BatchProcessor, InternalHandler, PartnerHandler, retry_pause
+from shared.consumer import BatchHook, BatchProcessor, InternalHandler, PartnerHandler, Prefetch, retry_pause
 from shared.contract import DECISION_TOPICS
 from shared.db import create_tables, make_engine, session_factory
 from shared.observability import HANDLER_SECONDS, configure_logging
@@ -70,6 +70,7 @@ class Service:
         partner_handlers: dict[str, PartnerHandler] | None = None,
         internal_handler: InternalHandler | None = None,
         after_batch: BatchHook | None = None,
+        prefetch: Prefetch | None = None,
         settings: Settings | None = None,
     ) -> None:
         self.name = name
@@ -87,6 +88,7 @@ class Service:
             internal_handler=internal_handler,
             internal_topics=[t for t in self.topics if t in DECISION_TOPICS],
             after_batch=after_batch,
+            prefetch=prefetch,
         )
         # FastStream logs through our logger, so its lines are JSON like ours.
         self.broker = KafkaBroker(

@@ -15,6 +15,7 @@ from sqlalchemy import Column, Text, func, select
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from shared import aggregates
 from shared.decisions import Decision
 
 # The pipeline, in order; a batch's status is the furthest stage its facts show.
@@ -93,7 +94,7 @@ async def project_batch(session: AsyncSession, decision: Decision, leaf_index: i
         )
     if not decision.batch_id or decision.service == "pledges":
         return  # pledges earmarked for a batch are joined in at read time, from the pledge view
-    view = await session.get(BatchView, decision.batch_id)
+    view = await aggregates.get(session, BatchView, decision.batch_id)
     if view is None:
         view = BatchView(batch_id=decision.batch_id)
     state = json.loads(view.state)
@@ -109,7 +110,7 @@ async def project_batch(session: AsyncSession, decision: Decision, leaf_index: i
     view.state = json.dumps(state)
     session.add(view)
     for party in filter(None, {decision.party_id, award.get("vendor_id")}):
-        if await session.get(BatchParty, (decision.batch_id, party)) is None:
+        if await aggregates.get(session, BatchParty, (decision.batch_id, party)) is None:
             session.add(BatchParty(batch_id=decision.batch_id, party_id=party))
 
 

@@ -15,7 +15,7 @@ from services.ledger.auth import load_tokens
 from services.ledger.dashboard import router as dashboard_router
 from services.ledger.log import LOG_TABLES, install_append_only_guards
 from services.ledger.log_api import log_router
-from services.ledger.projections import PROJECTION_TABLES
+from services.ledger.projections import PROJECTION_TABLES, prefetch
 from shared.contract import SERVICES, decisions_topic
 from shared.parties import load_private_key, write_private_key
 from shared.service import Service
@@ -45,6 +45,7 @@ def build_service(settings: Settings | None = None) -> Service:
         topics=[decisions_topic(s) for s in SERVICES],
         internal_handler=appender.on_decision,
         after_batch=appender.after_batch,
+        prefetch=prefetch,
         settings=settings,
     )
 

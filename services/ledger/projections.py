@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -14,7 +15,9 @@ from sqlalchemy import select
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.ledger.batches import BATCH_TABLES, BatchParty, project_batch
+from services.ledger.batches import BATCH_TABLES, BatchParty, BatchView, project_batch
+from shared import aggregates
+from shared.cloudevents import CloudEvent
 from shared.decisions import Decision
 
 
@@ -39,12 +42,12 @@ async def project(session: AsyncSession, decision: Decision, leaf_index: int) ->
     if decision.status == "accepted" and decision.service == "pledges" and isinstance(pledge, dict):
         await _project_pledge(session, pledge, leaf_index)
         batch = pledge.get("earmark_batch_id")
-        if batch and await session.get(BatchParty, (batch, pledge["partner_id"])) is None:
+        if batch and await aggregates.get(session, BatchParty, (batch, pledge["partner_id"])) is None:
             session.add(BatchParty(batch_id=batch, party_id=pledge["partner_id"]))
 
 
 async def _project_pledge(session: AsyncSession, pledge: dict[str, Any], leaf_index: int) -> None:
-    view = await session.get(PledgeView, pledge["pledge_id"])
+    view = await aggregates.get(session, PledgeView, pledge["pledge_id"])
     if view is None:
         session.add(
             PledgeView(
@@ -64,6 +67,26 @@ async def _project_pledge(session: AsyncSession, pledge: dict[str, Any], leaf_in
         view.state = json.dumps(pledge)
         view.leaf_index = leaf_index
         session.add(view)
+
+
+async def prefetch(session: AsyncSession, events: Sequence[CloudEvent]) -> None:
+    """The views a batch of decisions will update, in three queries: the pledge views of
+    accepted pledge decisions, the batch views of the others, and every party row of those
+    batches (so a party not yet recorded is known to be missing)."""
+    pledges: list[Any] = []
+    batches: list[Any] = []
+    for event in events:
+        decision = event.data
+        facts = decision.get("facts")
+        pledge = facts.get("pledge") if isinstance(facts, dict) else None
+        if decision.get("service") != "pledges":
+            batches.append(decision.get("batch_id"))
+        elif isinstance(pledge, dict):
+            pledges.append(pledge.get("pledge_id"))
+            batches.append(pledge.get("earmark_batch_id"))
+    await aggregates.load(session, PledgeView, aggregates.strings(pledges))
+    await aggregates.load(session, BatchView, aggregates.strings(batches))
+    await aggregates.load_where(session, BatchParty, "batch_id", aggregates.strings(batches))
 
 
 def _add(totals: dict[str, Decimal], money: dict[str, str] | None) -> None:

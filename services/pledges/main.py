@@ -7,12 +7,14 @@ outcome to `gputrace.outcomes.v1`, through the shared mechanism.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.pledges import domain
+from shared import aggregates
+from shared.cloudevents import CloudEvent
 from shared.consumer import Inbound
 from shared.contract import PLEDGES_TOPIC, event_type
 from shared.decisions import Accepted, Verdict
@@ -32,7 +34,7 @@ class PledgeRow(SQLModel, table=True):
 def _handler(rule: Callable[[domain.Pledge | None, object], domain.Pledge], verb: str):  # type: ignore[no-untyped-def]
     async def handle(session: AsyncSession, inbound: Inbound) -> Verdict:
         pledge_id = inbound.aggregate_id
-        row = await session.get(PledgeRow, pledge_id)
+        row = await aggregates.get(session, PledgeRow, pledge_id)
         current = domain.Pledge.from_snapshot(json.loads(row.state)) if row else None
         try:
             pledge = rule(current, inbound.data)
@@ -48,6 +50,11 @@ def _handler(rule: Callable[[domain.Pledge | None, object], domain.Pledge], verb
     return handle
 
 
+async def prefetch(session: AsyncSession, events: Sequence[CloudEvent]) -> None:
+    """The batch's pledges in one query (every pledge event names its pledge_id)."""
+    await aggregates.load(session, PledgeRow, aggregates.strings(e.data.get("pledge_id") for e in events))
+
+
 HANDLERS = {
     event_type("pledge.committed.v1"): _handler(domain.commit, "committed"),  # type: ignore[arg-type]
     event_type("pledge.amended.v1"): _handler(domain.amend, "amended"),  # type: ignore[arg-type]
@@ -57,7 +64,13 @@ HANDLERS = {
 
 
 def build() -> Service:
-    return Service(SERVICE, tables=[PledgeRow.__table__], topics=[PLEDGES_TOPIC], partner_handlers=HANDLERS)  # type: ignore[list-item]
+    return Service(
+        SERVICE,
+        tables=[PledgeRow.__table__],  # type: ignore[list-item]
+        topics=[PLEDGES_TOPIC],
+        partner_handlers=HANDLERS,
+        prefetch=prefetch,
+    )
 
 
 def main() -> None:

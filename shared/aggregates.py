@@ -1,0 +1,133 @@
+"""A per-batch cache of the rows a batch's handlers read by primary key.
+
+Without it every `session.get` of a handler costs a round trip and, worse, an autoflush of the
+previous record's changes first: a batch of 500 events did 500 selects and 500 single-row
+flushes. With it a service loads the rows its batch touches in one query (`load`) before the
+first record is decided; `get` then answers from memory, including "no such row" for keys the
+load did not find, and the batch's changes are flushed once, in bulk, at its end.
+
+The cache lives on the session of one fast-path transaction (BatchProcessor attaches it). It is
+never attached in safe mode: a savepoint rolled back would leave it stale, so there `get` is
+plain `session.get`. Handlers add rows with `session.add` as usual; the cache sees them
+(SQLAlchemy's transient_to_pending event), so a later record of the same batch finds a row an
+earlier one created even though it is not flushed (pending rows are not in the identity map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from sqlalchemy import event as sa_event
+from sqlalchemy import inspect, select, tuple_
+from sqlalchemy.orm import Mapper
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+_CACHE = "gputrace.aggregates"
+# Stay well below PostgreSQL's bind-parameter limit, as the idempotency-key query does.
+_CHUNK = 500
+
+T = TypeVar("T")
+
+
+class AggregateCache:
+    """Rows by (model, primary key); None records a key known to have no row."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._rows: dict[tuple[type, tuple[Any, ...]], Any] = {}
+        # (model, column position) -> values for which every row was loaded (see load_where).
+        self._complete: dict[tuple[type, int], set[Any]] = {}
+        sa_event.listen(session.sync_session, "transient_to_pending", self._added)
+
+    @classmethod
+    def attach(cls, session: AsyncSession) -> AggregateCache:
+        cache = session.info[_CACHE] = cls(session)
+        return cache
+
+    def _added(self, _: Any, instance: Any) -> None:
+        mapper: Mapper[Any] = inspect(type(instance))
+        key = tuple(mapper.primary_key_from_instance(instance))
+        if None not in key:  # an autoincrement key is unknown until flushed; nobody gets it by key
+            self._rows[(type(instance), key)] = instance
+
+    def _known(self, model: type, key: tuple[Any, ...]) -> tuple[bool, Any]:
+        if (model, key) in self._rows:
+            return True, self._rows[(model, key)]
+        for (m, position), values in self._complete.items():
+            if m is model and key[position] in values:
+                return True, None
+        return False, None
+
+    async def load(self, session: AsyncSession, model: type, keys: Iterable[Any]) -> None:
+        """Load the rows of these primary keys (scalars, or tuples for a composite key) in one
+        query; keys without a row are remembered as missing."""
+        known = {k for m, k in self._rows if m is model}
+        wanted = [k for k in dict.fromkeys(_as_tuple(k) for k in keys) if k not in known]
+        columns = inspect(model).primary_key
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            where = columns[0].in_([k[0] for k in chunk]) if len(columns) == 1 else tuple_(*columns).in_(chunk)
+            for row in (await session.execute(select(model).where(where))).scalars():
+                self._rows[(model, _pk(row))] = row
+            for key in chunk:
+                self._rows.setdefault((model, key), None)
+
+    async def load_where(self, session: AsyncSession, model: type, column: str, values: Iterable[Any]) -> None:
+        """Load every row whose `column` (part of the primary key) is one of `values`; a key with
+        such a value and no row is then known to be missing."""
+        mapper: Mapper[Any] = inspect(model)
+        position = [c.key for c in mapper.primary_key].index(column)
+        done = self._complete.setdefault((model, position), set())
+        wanted = [v for v in dict.fromkeys(values) if v not in done]
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            rows = await session.execute(select(model).where(mapper.columns[column].in_(chunk)))
+            for row in rows.scalars():
+                self._rows.setdefault((model, _pk(row)), row)
+            done.update(chunk)
+
+    async def get(self, session: AsyncSession, model: type[T], key: Any) -> T | None:
+        known, row = self._known(model, _as_tuple(key))
+        if known:
+            return row
+        row = await session.get(model, key)
+        self._rows[(model, _as_tuple(key))] = row
+        return row
+
+
+def cache_of(session: AsyncSession) -> AggregateCache | None:
+    return session.info.get(_CACHE)
+
+
+async def get(session: AsyncSession, model: type[T], key: Any) -> T | None:
+    """`session.get`, answered from the batch's cache when the batch has one."""
+    cache = cache_of(session)
+    return await cache.get(session, model, key) if cache else await session.get(model, key)
+
+
+async def load(session: AsyncSession, model: type, keys: Iterable[Any]) -> None:
+    """Prefetch by primary key for this batch; a no-op without a cache (safe mode, API reads)."""
+    cache = cache_of(session)
+    if cache:
+        await cache.load(session, model, keys)
+
+
+async def load_where(session: AsyncSession, model: type, column: str, values: Iterable[Any]) -> None:
+    """Prefetch every row with one of these values in a primary-key column; no-op without a cache."""
+    cache = cache_of(session)
+    if cache:
+        await cache.load_where(session, model, column, values)
+
+
+def strings(values: Iterable[Any]) -> list[str]:
+    """The non-empty strings among ids taken from events' data, for a prefetch: the data is not
+    validated yet, and a malformed value must not break the batch's query."""
+    return [v for v in values if isinstance(v, str) and v]
+
+
+def _as_tuple(key: Any) -> tuple[Any, ...]:
+    return tuple(key) if isinstance(key, tuple | list) else (key,)
+
+
+def _pk(row: Any) -> tuple[Any, ...]:
+    return tuple(inspect(type(row)).primary_key_from_instance(row))

@@ -1,0 +1,182 @@
+"""The fast path's per-batch prefetch and deferred writes decide exactly as one record at a time.
+
+In process, against the session's PostgreSQL: records fed straight into a BatchProcessor.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from aiokafka import ConsumerRecord
+from sqlalchemy import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.pledges.main import HANDLERS, PledgeRow, prefetch
+from shared.consumer import BatchProcessor, Inbound, accepted
+from shared.contract import DLQ_TOPIC, OUTCOMES_TOPIC, PLEDGES_TOPIC, event_type
+from shared.db import OutboxMessage, create_tables, make_engine, session_factory
+from shared.decisions import Verdict
+from shared.parties import PartyRegistry, generate_dev_registry
+from tests.partner import PartnerClient
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("keys")
+    generate_dev_registry(directory)
+    return directory
+
+
+@pytest.fixture
+async def sessions(postgres_url: str) -> AsyncIterator[Any]:
+    name = f"fast_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    engine = make_engine(postgres_url.rsplit("/", 1)[0] + "/" + name)
+    await create_tables(engine, [PledgeRow.__table__])  # type: ignore[list-item]
+    yield session_factory(engine)
+    await engine.dispose()
+
+
+def pledge(pledge_id: str, partner: str = "kdb", amount: str = "1000") -> dict[str, Any]:
+    return {
+        "pledge_id": pledge_id,
+        "partner_id": partner,
+        "program_id": "fast-path",
+        "kind": "capital",
+        "capital": {"amount": amount, "currency": "KRW"},
+        "committed_at": "2025-03-01T00:00:00Z",
+        "due_by": "2025-12-31",
+    }
+
+
+def records(keys: Path, events: Sequence[tuple[str, str, dict[str, Any]]]) -> list[ConsumerRecord]:
+    client = PartnerClient("unused", keys)
+    out = []
+    for offset, (party, short_type, data) in enumerate(events):
+        key, value, headers, _ = client.record(party, short_type, data)
+        out.append(ConsumerRecord(PLEDGES_TOPIC, 0, offset, 0, 0, key, value, None, len(key), len(value), headers))
+    return out
+
+
+async def outcomes(sessions: Any) -> list[tuple[str, str | None, str]]:
+    async with sessions() as session:
+        rows = (await session.execute(select(OutboxMessage).order_by(OutboxMessage.id))).scalars().all()
+    docs = [json.loads(r.value) for r in rows if r.topic == OUTCOMES_TOPIC]
+    return [(d["status"], d["reason_code"], d["message"]) for d in docs]
+
+
+async def states(sessions: Any) -> dict[str, dict[str, Any]]:
+    async with sessions() as session:
+        rows = (await session.execute(select(PledgeRow))).scalars().all()
+    return {r.pledge_id: json.loads(r.state) for r in rows}
+
+
+def processor(sessions: Any, keys: Path, handlers: dict[str, Any] = HANDLERS) -> BatchProcessor:
+    registry = PartyRegistry.load(keys / "registry.json")
+    return BatchProcessor("pledges", sessions, registry=registry, partner_handlers=handlers, prefetch=prefetch)
+
+
+def amend(pledge_id: str, amount: str) -> dict[str, Any]:
+    capital = {"amount": amount, "currency": "KRW"}
+    return {"pledge_id": pledge_id, "partner_id": "kdb", "capital": capital, "reason": "resized"}
+
+
+def withdraw(pledge_id: str, partner: str = "kdb") -> dict[str, Any]:
+    return {"pledge_id": pledge_id, "partner_id": partner, "reason": "cancelled"}
+
+
+def disburse(pledge_id: str, partner: str = "kdb") -> dict[str, Any]:
+    capital = {"amount": "10", "currency": "KRW"}
+    return {"pledge_id": pledge_id, "partner_id": partner, "amount": capital, "reference": "wire-1"}
+
+
+ALL_ACCEPTED = [
+    ("kdb", "pledge.committed.v1", pledge("{p1}")),
+    ("kdb", "pledge.amended.v1", amend("{p1}", "5000")),
+    ("kdb", "pledge.disbursed.v1", disburse("{p1}")),
+    ("kdb", "pledge.committed.v1", pledge("{p2}")),
+    ("kdb", "pledge.withdrawn.v1", withdraw("{p2}")),
+]
+SOME_REJECTED = [
+    *ALL_ACCEPTED,
+    ("kdb", "pledge.committed.v1", pledge("{p1}")),
+    ("kt-cloud", "pledge.withdrawn.v1", withdraw("{p1}", "kt-cloud")),
+    ("kdb", "pledge.disbursed.v1", disburse("{p2}")),
+]
+
+
+def _with_ids(events: list[tuple[str, str, dict[str, Any]]], **ids: str) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (p, t, json.loads(json.dumps(d).replace("{p1}", ids["p1"]).replace("{p2}", ids["p2"]))) for p, t, d in events
+    ]
+
+
+@pytest.mark.parametrize(
+    ("events", "safe_mode", "expected"),
+    [
+        (ALL_ACCEPTED, False, ["accepted"] * 5),
+        (SOME_REJECTED, True, ["accepted"] * 5 + ["DUPLICATE_PLEDGE", "NOT_AUTHORIZED", "PLEDGE_WITHDRAWN"]),
+    ],
+    ids=["fast-path", "rejections-replayed"],
+)
+async def test_one_batch_decides_as_one_record_at_a_time(
+    keys: Path,
+    sessions: Any,
+    caplog: pytest.LogCaptureFixture,
+    events: list[tuple[str, str, dict[str, Any]]],
+    safe_mode: bool,
+    expected: list[str],
+) -> None:
+    """Later records of a batch see the pledge an earlier one created or changed, though it is
+    not written yet; the outcomes and the rows are those of one record per transaction."""
+    p1, p2 = f"P-{uuid.uuid4().hex[:6]}", f"P-{uuid.uuid4().hex[:6]}"
+    events = _with_ids(events, p1=p1, p2=p2)
+    with caplog.at_level("WARNING", logger="shared.consumer"):
+        await processor(sessions, keys).process(records(keys, events))
+    assert any("record by record" in r.message for r in caplog.records) is safe_mode
+    together = (await outcomes(sessions), await states(sessions))
+
+    async with sessions() as session, session.begin():
+        await session.execute(PledgeRow.__table__.delete())  # type: ignore[attr-defined]
+        await session.execute(OutboxMessage.__table__.delete())  # type: ignore[attr-defined]
+    one_by_one = processor(sessions, keys)
+    for record in records(keys, events):
+        await one_by_one.process([record])
+    alone = (await outcomes(sessions), await states(sessions))
+
+    assert [reason or status for status, reason, _ in together[0]] == expected
+    assert together == alone
+    assert (together[1][p1]["version"], together[1][p2]["status"]) == (3, "withdrawn")
+
+
+async def test_a_row_the_database_refuses_fails_only_its_record(keys: Path, sessions: Any) -> None:
+    """Writes are deferred to the end of the batch; a refused one still dead-letters only the
+    record that made it (safe mode), and the others are decided and written."""
+
+    async def broken(session: AsyncSession, inbound: Inbound) -> Verdict:
+        # A NOT NULL column left empty: nothing fails until the row is written.
+        session.add(PledgeRow(pledge_id=inbound.aggregate_id, partner_id=inbound.party.id, state=None))  # type: ignore[arg-type]
+        return accepted()
+
+    handlers = {**HANDLERS, event_type("pledge.disbursed.v1"): broken}
+    good, bad = f"P-{uuid.uuid4().hex[:6]}", f"P-{uuid.uuid4().hex[:6]}"
+    batch = records(
+        keys,
+        [
+            ("kdb", "pledge.committed.v1", pledge(good)),
+            ("kdb", "pledge.disbursed.v1", disburse(bad)),
+        ],
+    )
+    await processor(sessions, keys, handlers).process(batch)
+    async with sessions() as session:
+        topics = [r.topic for r in (await session.execute(select(OutboxMessage))).scalars()]
+    assert topics.count(DLQ_TOPIC) == 1
+    assert [o[0] for o in await outcomes(sessions)] == ["accepted"]
+    assert set(await states(sessions)) == {good}
