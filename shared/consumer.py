@@ -47,7 +47,6 @@ from shared.decisions import (
     DECISION_TYPE,
     DLQ_TYPE,
     OUTCOME_TYPE,
-    Accepted,
     DeadLetter,
     Decision,
     Outcome,
@@ -562,11 +561,3 @@ def _short_errors(exc: ValidationError) -> str:
 async def retry_pause(started: float, minimum: float = 1.0) -> None:
     """Back off before a nacked batch is redelivered, so an outage is not a hot loop."""
     await asyncio.sleep(max(0.0, minimum - (time.monotonic() - started)))
-
-
-def accepted(message: str = "accepted", **facts: Any) -> Accepted:
-    return Accepted(message=message, facts=facts)
-
-
-def rejected(code: ReasonCode, message: str, **facts: Any) -> Rejected:
-    return Rejected(reason_code=code, message=message, facts=facts)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import uuid
 from pathlib import Path
 
@@ -78,7 +77,3 @@ def dump_logs(stack: Stack, lines: int = 40) -> str:
 
 def auditor_headers(tokens: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens['auditor']}"}
-
-
-def pretty(doc: object) -> str:
-    return json.dumps(doc, indent=2, default=str)

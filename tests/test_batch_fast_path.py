@@ -18,10 +18,10 @@ from sqlalchemy import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.pledges.main import HANDLERS, PledgeRow, prefetch
-from shared.consumer import BatchProcessor, Inbound, accepted
+from shared.consumer import BatchProcessor, Inbound
 from shared.contract import DLQ_TOPIC, OUTCOMES_TOPIC, PLEDGES_TOPIC, event_type
 from shared.db import OutboxMessage, create_tables, make_engine, session_factory
-from shared.decisions import Verdict
+from shared.decisions import Accepted, Verdict
 from shared.parties import PartyRegistry, generate_dev_registry
 from tests.partner import PartnerClient
 
@@ -163,7 +163,7 @@ async def test_a_row_the_database_refuses_fails_only_its_record(keys: Path, sess
     async def broken(session: AsyncSession, inbound: Inbound) -> Verdict:
         # A NOT NULL column left empty: nothing fails until the row is written.
         session.add(PledgeRow(pledge_id=inbound.aggregate_id, partner_id=inbound.party.id, state=None))  # type: ignore[arg-type]
-        return accepted()
+        return Accepted()
 
     handlers = {**HANDLERS, event_type("pledge.disbursed.v1"): broken}
     good, bad = f"P-{uuid.uuid4().hex[:6]}", f"P-{uuid.uuid4().hex[:6]}"

@@ -176,6 +176,3 @@ async def get_anomalies(
             for a in rows
         ]
     }
-
-
-__all__ = ["require", "router"]

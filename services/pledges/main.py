@@ -40,12 +40,13 @@ def _handler(rule: Callable[[domain.Pledge | None, object], domain.Pledge], verb
             pledge = rule(current, inbound.data)
         except domain.RuleBroken as broken:
             return broken.rejected()
-        state = json.dumps(pledge.snapshot())
+        snapshot = pledge.snapshot()
+        state = json.dumps(snapshot)
         if row is None:
             session.add(PledgeRow(pledge_id=pledge.pledge_id, partner_id=pledge.partner_id, state=state))
         else:
             row.state = state
-        return Accepted(message=f"pledge {pledge_id} {verb}", facts={"pledge": pledge.snapshot()})
+        return Accepted(message=f"pledge {pledge_id} {verb}", facts={"pledge": snapshot})
 
     return handle
 
