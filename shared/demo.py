@@ -33,7 +33,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -67,7 +67,6 @@ LOGISTICS = "korea-logistics"
 SITE_PARTY = "haenam-site"
 SITE_ID = "haenam-1"
 CENTER = {"name": "National AI Computing Center", "country": "KR"}
-KST = timezone(timedelta(hours=9))
 
 Status = Literal["accepted", "rejected"]
 

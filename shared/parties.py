@@ -115,7 +115,3 @@ def generate_dev_registry(directory: Path) -> Path:
     registry = directory / "registry.json"
     registry.write_text(json.dumps({"parties": parties}, indent=2) + "\n")
     return registry
-
-
-def dev_signing_keys(directory: Path) -> dict[str, Ed25519PrivateKey]:
-    return {p.stem: load_private_key(p) for p in sorted(directory.glob("*.key"))}
