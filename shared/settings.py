@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     export_ruleset: str | None = Field(
         None, description="Pin one export rule-set version (e.g. for a re-run); unset: chosen by the shipment date."
     )
+    export_data_dir: Path | None = Field(
+        None,
+        description="Export-control data (rulesets/, country_groups.yaml, gpu_catalogue.yaml, screening_list.yaml), "
+        "loaded and checked at start-up; unset: the data shipped with the service.",
+    )
 
     def sqlalchemy_url(self, service: str) -> str:
         if not self.database_url:

@@ -28,6 +28,7 @@ from .models import (
 from .rulesets import (
     OUTCOME_SEVERITY,
     POLICY_SEVERITY,
+    CountryAllocation,
     LicenceException,
     Outcome,
     Requirement,
@@ -144,6 +145,29 @@ def _quota_eval(
     )
 
 
+def _consignee_key(template: str, req: ExportRequest, screener: Screener) -> str:
+    # The consignee is identified by its screening-normalised name, so "Merlion Compute Pte.
+    # Ltd." and "MERLION COMPUTE PTE LTD" accumulate into one annual total.
+    return template.format(
+        year=req.decision_date.year,
+        consignee_country=req.consignee.country,
+        consignee=screener.normalise(req.consignee.name).replace(" ", "-"),
+    )
+
+
+def _allocation_key(alloc: CountryAllocation, country: str) -> str:
+    return alloc.key.format(period=alloc.period_label, country=country)
+
+
+def quota_keys(request: ExportRequest, rs: RuleSet, screener: Screener | None = None) -> list[str]:
+    """Every running total evaluating `request` under `rs` may read, so the service loads those
+    rows only: the consignee's yearly totals and the destination's country allocations."""
+    screener = screener or default_screener()
+    keys = [_consignee_key(e.quota.key, request, screener) for e in rs.licence_exceptions.values() if e.quota]
+    keys += [_allocation_key(a, request.destination_country) for a in rs.country_allocations]
+    return list(dict.fromkeys(keys))
+
+
 def _check_exception(name: str, exc: LicenceException, ctx: _Ctx) -> tuple[bool, list[str], QuotaEvaluation | None]:
     """Is the exception available? Returns (ok, reasons, quota examined)."""
     rs, eu = ctx.rs, ctx.req.end_user
@@ -171,13 +195,7 @@ def _check_exception(name: str, exc: LicenceException, ctx: _Ctx) -> tuple[bool,
     if exc.quota is not None and not bad:
         # Only meaningful once the party/destination conditions hold; otherwise it would record
         # a quota that could never be used.
-        # The consignee is identified by its screening-normalised name, so "Merlion Compute Pte.
-        # Ltd." and "MERLION COMPUTE PTE LTD" accumulate into one annual total.
-        key = exc.quota.key.format(
-            year=ctx.on.year,
-            consignee_country=ctx.req.consignee.country,
-            consignee=ctx.screener.normalise(ctx.req.consignee.name).replace(" ", "-"),
-        )
+        key = _consignee_key(exc.quota.key, ctx.req, ctx.screener)
         quota = _quota_eval("lpp_consignee_year", name, key, exc.quota.cap_tpp, ctx)
         text = (
             f"consignee's {ctx.on.year} total {quota.used_before:,} + {quota.batch_tpp:,} = {quota.used_after:,} TPP "
@@ -212,7 +230,7 @@ def _review_policy(req: Requirement, hits: list[str], ctx: _Ctx) -> tuple[Review
         alloc = next(a for a in rs.country_allocations if a.id == req.allocation)
         dest = ctx.req.destination_country
         if rs.in_any(dest, alloc.destination_in) and alloc.period_from <= ctx.on <= alloc.period_to:
-            key = alloc.key.format(period=alloc.period_label, country=dest)
+            key = _allocation_key(alloc, dest)
             quota = _quota_eval("country_allocation", alloc.id, key, alloc.cap_tpp, ctx)
             policy = alloc.within_cap_policy if quota.within_cap else alloc.beyond_cap_policy
             basis = (
@@ -336,6 +354,7 @@ def evaluate(
     request: ExportRequest,
     *,
     ruleset: RuleSet | str | None = None,
+    rulesets: tuple[RuleSet, ...] | None = None,
     quota_used: Mapping[str, int],
     catalogue: Catalogue | None = None,
     screener: Screener | None = None,
@@ -344,6 +363,7 @@ def evaluate(
 
     ruleset: None selects the version in force on ``request.decision_date``; a RuleSet or a
         rule-set id pins a version explicitly (recorded as such in the decision).
+    rulesets: the versions to choose from (None: the data shipped with the service).
     quota_used: running totals the service has persisted, by quota key (missing key = 0).
     Raises UnknownModelError for a model not in the catalogue and NoRulesetInForceError for a
     date no version covers — the service turns both into rejections.
@@ -354,9 +374,9 @@ def evaluate(
     on = request.decision_date
     selected_by: Literal["decision_date", "explicit"]
     if ruleset is None:
-        rs, selected_by = select_ruleset(on), "decision_date"
+        rs, selected_by = select_ruleset(on, rulesets), "decision_date"
     else:
-        rs, selected_by = (get_ruleset(ruleset) if isinstance(ruleset, str) else ruleset), "explicit"
+        rs, selected_by = (get_ruleset(ruleset, rulesets) if isinstance(ruleset, str) else ruleset), "explicit"
     cls = classify(spec, rs, catalogue_version=catalogue.catalogue_version)
     batch_tpp = round(cls.tpp * request.quantity)
     ctx = _Ctx(rs, request, spec, cls, batch_tpp, quota_used, screener)

@@ -356,13 +356,13 @@ def load_ruleset(path: Path, country_groups: CountryGroups | None = None) -> Rul
         raise RulesetDataError(f"{path.name}: {exc}") from exc
 
 
-def load_rulesets(directory: Path = RULESETS_DIR) -> tuple[RuleSet, ...]:
+def load_rulesets(directory: Path = RULESETS_DIR, country_groups: CountryGroups | None = None) -> tuple[RuleSet, ...]:
     """Load every version, sorted by effective date, and refuse overlapping validity periods.
 
     Gaps are allowed (a date in a gap raises NoRulesetInForceError); overlaps are not, because
     then the decision date would not determine the rules.
     """
-    groups = load_country_groups()
+    groups = country_groups or load_country_groups()
     rulesets = sorted(
         (load_ruleset(p, groups) for p in sorted(directory.glob("*.yaml"))), key=lambda r: r.effective_from
     )
