@@ -9,16 +9,26 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from gputrace_verifier.cli import main as audit_main
 from rich.console import Console
 
-from shared.audit import audit_app
 from shared.settings import Settings
 
 app = typer.Typer(help="gputrace: trace the national GPU programme from pledge to acceptance.", no_args_is_help=True)
 keys_app = typer.Typer(help="Party keys, the party registry, API tokens and the ledger key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.command("docs")(importlib.import_module("shared.docs").docs_command)
-app.add_typer(audit_app, name="audit")
+
+
+# A pass-through, so that `gputrace audit ...` and `gputrace-audit ...` are one command line.
+@app.command(
+    "audit", add_help_option=False, context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+)
+def audit(ctx: typer.Context) -> None:
+    """Audit the ledger from outside (the verifier's gputrace-audit); see `gputrace audit --help`."""
+    raise typer.Exit(audit_main(ctx.args, prog="gputrace audit"))
+
+
 console = Console()
 
 SERVICE_MODULES = {

@@ -8,27 +8,31 @@ code and names what failed: the leaf, the node, the proof, or the checkpoint.
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import psycopg
 import pytest
-from click.testing import Result
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, HTTPException
+from gputrace_verifier import merkle
+from gputrace_verifier.audit import Exit
+from gputrace_verifier.checkpoint import Checkpoint, make_vkey, sign_checkpoint
+from gputrace_verifier.cli import main as audit_main
 from typer.testing import CliRunner
 
 from services.ledger.log_api import log_router
 from services.ledger.main import create_app
-from shared import merkle
-from shared.audit import Exit, audit_app
-from shared.checkpoint import Checkpoint, make_vkey, sign_checkpoint
 from shared.cli import app as gputrace_app
 from tests.test_log_api import (
     BATCHES,
@@ -45,6 +49,15 @@ from tests.test_log_api import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CLEAN_ENV = {"GPUTRACE_URL": None, "GPUTRACE_TOKEN": None, "GPUTRACE_LEDGER_VKEY": None, "COLUMNS": "200"}
+
+
+@dataclass
+class Result:
+    """What the auditor saw: the exit code and stdout then stderr."""
+
+    exit_code: int
+    output: str
+
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -100,7 +113,18 @@ def audit(
         argv += ["--token", token]
     if key:
         argv += ["--key", key]
-    return CliRunner().invoke(audit_app, [*argv, *args], env={**CLEAN_ENV, **env})
+    # In process (the ledger server is a thread here); the environment as the command would see it.
+    variables = {**CLEAN_ENV, **env}
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        mock.patch.dict(os.environ, {k: v for k, v in variables.items() if v is not None}),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        for name in [k for k, v in variables.items() if v is None]:
+            os.environ.pop(name, None)
+        code = audit_main([*argv, *args])
+    return Result(code, out.getvalue() + err.getvalue())
 
 
 def verify(ledger: Ledger, state: Path, *args: str, key: str | None = "default") -> Result:
@@ -167,7 +191,7 @@ def test_verify_with_the_key_from_the_environment_in_a_real_process(stable: Ledg
         "XDG_STATE_HOME": str(tmp_path / "xdg"),
     }
     done = subprocess.run(
-        [sys.executable, "-m", "shared.audit", "verify", "--spot-checks", "4"],
+        [sys.executable, "-m", "gputrace_verifier", "verify", "--spot-checks", "4"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

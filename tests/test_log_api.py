@@ -1,7 +1,7 @@
 """The ledger's log API (/v1/log) against real PostgreSQL and real HTTP (uvicorn on a local port).
 
 Every proof and checkpoint the server hands out is checked with the pure verifiers in
-shared.merkle / shared.checkpoint, for many tree sizes, never by comparing with the server's
+gputrace_verifier.merkle / .checkpoint, for many tree sizes, never by comparing with the server's
 own computations. The helpers here (a throwaway ledger database, a server thread) are also
 used by tests/test_audit_cli.py.
 """
@@ -25,6 +25,8 @@ import pytest
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
+from gputrace_verifier import merkle
+from gputrace_verifier.checkpoint import make_vkey, parse_and_verify
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,8 +35,6 @@ from services.ledger.log import APPEND_ONLY, LOG_TABLES, LogWriter, install_appe
 from services.ledger.log_api import MAX_ENTRIES
 from services.ledger.main import create_app
 from services.ledger.projections import PROJECTION_TABLES
-from shared import merkle
-from shared.checkpoint import make_vkey, parse_and_verify
 from shared.cloudevents import canonical_json
 from shared.db import create_tables, make_engine, session_factory
 from shared.parties import write_private_key

@@ -14,13 +14,13 @@ from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from gputrace_verifier import merkle
+from gputrace_verifier.checkpoint import Checkpoint, sign_checkpoint
 from sqlalchemy import Column, LargeBinary, Text, insert, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from shared import merkle
-from shared.checkpoint import Checkpoint, sign_checkpoint
 from shared.cloudevents import canonical_json
 from shared.db import utcnow
 

@@ -19,13 +19,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from gputrace_verifier import merkle
+from gputrace_verifier.checkpoint import make_vkey
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.ledger.auth import require
 from services.ledger.log import LogEntry, LogHead, SignedCheckpoint, b64, fetch_nodes
-from shared import merkle
-from shared.checkpoint import make_vkey
 from shared.parties import load_private_key
 
 MAX_ENTRIES = 1000  # per /entries call; clients page (the auditor CLI does)

@@ -1,4 +1,4 @@
-"""Tests for shared.merkle against the RFC 9162 recursive definitions and known answers."""
+"""Tests for gputrace_verifier.merkle against the RFC 9162 recursive definitions and known answers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import random
 from functools import cache
 
 import pytest
-
-from shared import merkle
-from shared.merkle import (
+from gputrace_verifier import merkle
+from gputrace_verifier.merkle import (
     EMPTY_ROOT,
     Coord,
     Frontier,

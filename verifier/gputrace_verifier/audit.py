@@ -1,6 +1,7 @@
-"""`gputrace audit`: the auditor's command line. It trusts the ledger's key and nothing the
-server says: it checks every signed checkpoint, checks that each new one extends the last one it
-trusted, re-hashes every entry it downloads, recomputes the root and checks inclusion proofs.
+"""The auditor's checks and the ledger client behind `gputrace-audit` (its command line is cli.py).
+It trusts the ledger's key and nothing the server says: it checks every signed checkpoint, checks
+that each new one extends the last one it trusted, re-hashes every entry it downloads, recomputes
+the root and checks inclusion proofs.
 
 State (the last checkpoint it trusted, per log origin) lives in a small JSON file, so that a
 log that rewrites history is caught on the next run even if it re-signs everything.
@@ -23,23 +24,19 @@ import binascii
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Any, NoReturn
 
 import httpx
 import rfc8785
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from shared import merkle
-from shared.checkpoint import Checkpoint, CheckpointError, parse_and_verify, parse_vkey
+from gputrace_verifier import merkle
+from gputrace_verifier.checkpoint import Checkpoint, CheckpointError, parse_and_verify, parse_vkey
 
 PAGE_MAX = 1000  # the server's per-call limit on /v1/log/entries
 
@@ -73,8 +70,16 @@ def fail(code: Exit, message: str) -> NoReturn:
     raise AuditFailure(code, message)
 
 
-out = Console()
-err = Console(stderr=True)
+class Ui:
+    """Where the checks report progress and notices. This base is silent (library use); the
+    command line's subclass writes to stderr, so that stdout carries only the verdict."""
+
+    def notice(self, message: str, *, warning: bool = False) -> None:
+        """A line for the human running the audit (which key is trusted, what was checked)."""
+
+    def progress(self, description: str, total: int) -> AbstractContextManager[Callable[[int], None]]:
+        """A context whose value is called with the number of items done so far."""
+        return nullcontext(lambda done: None)
 
 
 def b64(data: bytes) -> str:
@@ -170,10 +175,13 @@ class State:
 class LedgerClient:
     """The few ledger routes the auditor reads. Any HTTP or shape problem is exit code 2."""
 
-    def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, token: str | None, timeout: float = 30.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # transport: an in-memory ledger in the verifier's own tests; the network otherwise.
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self._http.close()
@@ -265,15 +273,15 @@ def _read_vkey(value: str) -> str:
     return text
 
 
-def resolve_key(key: str | None, tofu: bool, state: State, client: LedgerClient) -> str:
+def resolve_key(key: str | None, tofu: bool, state: State, client: LedgerClient, ui: Ui) -> str:
     """The one key the auditor trusts: given out of band (--key), or pinned on first use."""
     if key:
         vkey = _read_vkey(key)
         if state.pinned_vkey and state.pinned_vkey != vkey:
-            err.print(f"[yellow]note: --key differs from the key pinned in {state.path}; using --key[/yellow]")
+            ui.notice(f"note: --key differs from the key pinned in {state.path}; using --key", warning=True)
         return vkey
     if state.pinned_vkey:
-        err.print(f"using the key pinned on first use in {state.path}: {escape(state.pinned_vkey)}")
+        ui.notice(f"using the key pinned on first use in {state.path}: {state.pinned_vkey}")
         return state.pinned_vkey
     if not tofu:
         fail(
@@ -286,12 +294,12 @@ def resolve_key(key: str | None, tofu: bool, state: State, client: LedgerClient)
         parse_vkey(vkey)
     except CheckpointError as e:
         fail(Exit.NETWORK, f"/v1/log/public-key served an unusable key: {e}")
-    err.print(
-        "[bold yellow]TRUST ON FIRST USE: pinning the key the server itself served:[/bold yellow]\n"
-        f"[bold]{escape(vkey)}[/bold]\n"
-        "[yellow]Compare it with the key the ledger operator published out of band. From now on only this key "
-        f"is trusted (stored in {state.path}).[/yellow]",
-        soft_wrap=True,
+    ui.notice(
+        "TRUST ON FIRST USE: pinning the key the server itself served:\n"
+        f"{vkey}\n"
+        "Compare it with the key the ledger operator published out of band. From now on only this key "
+        f"is trusted (stored in {state.path}).",
+        warning=True,
     )
     state.pinned_vkey = vkey
     return vkey
@@ -484,17 +492,6 @@ class Report:
     spot_checked: int
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
-
-
 def _pages(start: int, end: int, page: int) -> Iterator[tuple[int, int]]:
     for lo in range(start, end, page):
         yield lo, min(lo + page, end)
@@ -507,11 +504,14 @@ def verify(
     spot_checks: int = 16,
     page_size: int = PAGE_MAX,
     seed: int | None = None,
+    ui: Ui | None = None,
+    transport: httpx.BaseTransport | None = None,
 ) -> Report:
+    """Verify the latest checkpoint and the whole log behind it; on success, trust it (save it)."""
     state = State.load(opts.state)
-    client = LedgerClient(opts.url, opts.token)
+    client = LedgerClient(opts.url, opts.token, transport=transport)
     try:
-        return _verify(client, state, opts, incremental, spot_checks, page_size, random.Random(seed))
+        return _verify(client, state, opts, incremental, spot_checks, page_size, random.Random(seed), ui or Ui())
     finally:
         client.close()
 
@@ -524,8 +524,9 @@ def _verify(
     spot_checks: int,
     page_size: int,
     rng: random.Random,
+    ui: Ui,
 ) -> Report:
-    vkey = resolve_key(opts.key, opts.tofu, state, client)
+    vkey = resolve_key(opts.key, opts.tofu, state, client, ui)
     origin = opts.origin or parse_vkey(vkey)[0]  # C2SP: the key name is the log's origin
     trusted = state.logs.get(origin)
     if trusted is not None:
@@ -536,13 +537,13 @@ def _verify(
         cp = parse_and_verify(note, vkey, expected_origin=origin)
     except CheckpointError as e:
         fail(Exit.SIGNATURE, f"checkpoint signature invalid: {e}")
-    err.print(f"checkpoint of {escape(origin)}: size {cp.size}, root {b64(cp.root_hash)} (signature ok)")
+    ui.notice(f"checkpoint of {origin}: size {cp.size}, root {b64(cp.root_hash)} (signature ok)")
 
     consistency_problem = _check_consistency(client, trusted, cp)
     resume = incremental and trusted is not None and trusted.frontier is not None
     if consistency_problem and resume:  # without the old entries we cannot tell a fork from bad nodes
         fail(Exit.INCONSISTENT, consistency_problem)
-    frontier, leaves, prefix_root = _download(client, cp, trusted if resume else None, trusted, page_size)
+    frontier, leaves, prefix_root = _download(client, cp, trusted if resume else None, trusted, page_size, ui)
 
     root = frontier.root()
     if root != cp.root_hash:
@@ -617,7 +618,7 @@ def _diagnose_consistency(client: LedgerClient, first: int, second: int, leaves:
 
 
 def _download(
-    client: LedgerClient, cp: Checkpoint, resume_from: Trusted | None, trusted: Trusted | None, page_size: int
+    client: LedgerClient, cp: Checkpoint, resume_from: Trusted | None, trusted: Trusted | None, page_size: int, ui: Ui
 ) -> tuple[merkle.Frontier, Leaves, bytes | None]:
     """Fetch entries, re-hash each one, and fold them into a frontier. Returns the frontier at
     cp.size, our own leaf hashes, and the root we computed at the trusted size (if we passed it)."""
@@ -641,8 +642,7 @@ def _download(
     if trusted is not None and trusted.size == 0:
         prefix_root = merkle.EMPTY_ROOT
     problems: list[str] = []
-    with _progress() as progress:
-        task = progress.add_task("re-hashing entries", total=cp.size - start)
+    with ui.progress("re-hashing entries", cp.size - start) as advance:
         for lo, hi in _pages(start, cp.size, page_size):
             index = lo
             while index < hi:  # a server may return fewer than asked; ask again from where it stopped
@@ -662,7 +662,7 @@ def _download(
                     index += 1
                     if trusted is not None and index == trusted.size:
                         prefix_root = frontier.root()
-                progress.update(task, completed=index - start)
+                advance(index - start)
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         fail(Exit.MISMATCH, "; ".join(problems[:10]) + more)
@@ -703,11 +703,11 @@ STEP_FIELDS = ("service", "event_type", "status", "reason_code", "message", "par
 
 
 def verify_batch_steps(
-    client: LedgerClient, state: State, opts: Options, batch_id: str, steps: list[dict[str, Any]]
+    client: LedgerClient, state: State, opts: Options, batch_id: str, steps: list[dict[str, Any]], ui: Ui | None = None
 ) -> list[str]:
     """Check each timeline step against its ledger entry and prove the entry's inclusion in the
     last checkpoint this auditor verified. Returns a status per step; fails on the first problem."""
-    vkey = resolve_key(opts.key, opts.tofu, state, client)
+    vkey = resolve_key(opts.key, opts.tofu, state, client, ui or Ui())
     origin = opts.origin or parse_vkey(vkey)[0]
     trusted = state.logs.get(origin)
     if trusted is None:
@@ -759,170 +759,3 @@ def _compare_step(n: int, index: int, step: dict[str, Any], entry: dict[str, Any
             )
     if entry.get("batch_id") not in (None, batch_id):
         fail(Exit.MISMATCH, f"step {n} (leaf {index}): the ledger entry is about batch {entry['batch_id']!r}")
-
-
-# --------------------------------------------------------------------------- command line
-
-
-audit_app = typer.Typer(
-    help="Audit the ledger: verify its signed checkpoints, its history and every entry, from outside.\n\n"
-    "Options go before the command: gputrace audit --key ledger.vkey verify\n\n" + EXIT_CODES_HELP,
-    no_args_is_help=True,
-)
-
-
-def _ctx_options(ctx: typer.Context) -> Options:
-    opts = ctx.obj
-    assert isinstance(opts, Options)
-    return opts
-
-
-@audit_app.callback()
-def audit_main(
-    ctx: typer.Context,
-    url: Annotated[str, typer.Option(envvar="GPUTRACE_URL", help="Base URL of the ledger API.")] = (
-        "http://127.0.0.1:8000"
-    ),
-    token: Annotated[
-        str | None, typer.Option(envvar="GPUTRACE_TOKEN", help="Bearer token (role auditor or ops).")
-    ] = None,
-    state: Annotated[
-        Path | None,
-        typer.Option(
-            help="State file with the last trusted checkpoint (default: $XDG_STATE_HOME/gputrace/audit.json"
-            " or ~/.local/state/gputrace/audit.json)."
-        ),
-    ] = None,
-    key: Annotated[
-        str | None,
-        typer.Option(
-            envvar="GPUTRACE_LEDGER_VKEY",
-            help="The ledger's verifier key (<name>+<id>+<base64>), or a file holding it, as published out of band."
-            " Required unless a key was pinned with --tofu.",
-        ),
-    ] = None,
-    origin: Annotated[
-        str | None, typer.Option(help="Expected log origin (default: the key's name, as C2SP recommends).")
-    ] = None,
-    tofu: Annotated[
-        bool,
-        typer.Option("--tofu", help="Trust on first use: fetch the server's /public-key and pin it in the state file."),
-    ] = False,
-) -> None:
-    """Global options; they go before the command: `gputrace audit --key K verify`."""
-    ctx.obj = Options(url=url, token=token, state=state or default_state_path(), key=key, origin=origin, tofu=tofu)
-
-
-def _run(action: Any) -> Any:
-    try:
-        return action()
-    except AuditFailure as e:
-        err.print(f"[bold red]FAILED (exit {int(e.code)}):[/bold red] {escape(e.message)}", soft_wrap=True)
-        raise typer.Exit(int(e.code)) from None
-
-
-@audit_app.command("verify", epilog=EXIT_CODES_HELP)
-def verify_command(
-    ctx: typer.Context,
-    incremental: Annotated[
-        bool, typer.Option("--incremental", help="Download only the entries added since the trusted checkpoint.")
-    ] = False,
-    spot_checks: Annotated[
-        int, typer.Option(min=0, help="Inclusion proofs to check: the first and last leaf plus random ones.")
-    ] = 16,
-    page_size: Annotated[int, typer.Option(min=1, max=PAGE_MAX, help="Entries per request.")] = PAGE_MAX,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed for choosing the spot-checked leaves (reproducible runs).")
-    ] = None,
-) -> None:
-    """Verify the latest checkpoint and the whole log behind it; on success, trust it.
-
-    Checks the checkpoint's signature (key and origin) and that it extends the last trusted one (consistency proof).
-
-    Re-hashes every entry (and checks it is RFC 8785 canonical JSON), recomputes the root, checks inclusion proofs.
-
-    Any mismatch exits non-zero and names what failed.
-    """
-    opts = _ctx_options(ctx)
-    report = _run(
-        lambda: verify(opts, incremental=incremental, spot_checks=spot_checks, page_size=page_size, seed=seed)
-    )
-    since = "first run" if report.previous_size is None else f"consistent with trusted size {report.previous_size}"
-    out.print(
-        f"[bold green]OK[/bold green] {escape(report.origin)}: size {report.size}, root {b64(report.root_hash)}; "
-        f"{since}; {report.downloaded} entries re-hashed; {report.spot_checked} inclusion proofs checked; "
-        f"trusted checkpoint saved to {opts.state}",
-        soft_wrap=True,
-    )
-
-
-@audit_app.command("batch", epilog=EXIT_CODES_HELP)
-def batch_command(
-    ctx: typer.Context,
-    batch_id: Annotated[str, typer.Argument(help="The batch id.")],
-    verify_steps: Annotated[
-        bool,
-        typer.Option(
-            "--verify",
-            help="Check each step against its ledger entry and prove it is in the last checkpoint `verify` trusted.",
-        ),
-    ] = False,
-) -> None:
-    """Show one batch's timeline (each step with its ledger index); optionally prove every step."""
-    opts = _ctx_options(ctx)
-
-    def show() -> None:
-        client = LedgerClient(opts.url, opts.token)
-        try:
-            doc = client.batch(batch_id)
-            steps = doc.get("timeline")
-            if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
-                fail(Exit.NETWORK, f"/v1/batches/{batch_id}: no timeline list in the response")
-            statuses = (
-                verify_batch_steps(client, State.load(opts.state), opts, batch_id, steps) if verify_steps else None
-            )
-        finally:
-            client.close()
-        out.print(_batch_summary(batch_id, doc))
-        out.print(_timeline_table(steps, statuses))
-        if statuses is not None:
-            out.print(f"[bold green]OK[/bold green] {len(steps)} step(s) proven in the verified checkpoint")
-
-    _run(show)
-
-
-def _batch_summary(batch_id: str, doc: dict[str, Any]) -> Table:
-    table = Table(title=f"batch {escape(batch_id)}", show_header=False, box=None)
-    for name, value in doc.items():
-        if name == "timeline" or value is None:
-            continue
-        shown = json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else str(value)
-        table.add_row(f"[bold]{escape(name)}[/bold]", escape(shown))
-    return table
-
-
-def _timeline_table(steps: list[dict[str, Any]], statuses: list[str] | None) -> Table:
-    table = Table(title="timeline")
-    # Keep the short, scannable columns on one line; let the free-text ones fold.
-    for name, no_wrap in [("#", True), ("leaf", True), ("decided at", True), ("service", False), ("event", False),
-                          ("status", True), ("reason", False), ("party", False), ("message", False)]:  # fmt: skip
-        table.add_column(name, no_wrap=no_wrap, overflow="fold")
-    if statuses is not None:
-        table.add_column("proof", no_wrap=True)
-    for n, step in enumerate(steps, start=1):
-        status = str(step.get("status", ""))
-        colour = "green" if status == "accepted" else "red" if status == "rejected" else "white"
-        plain = [step.get(k) for k in ("leaf_index", "decided_at", "service", "event_type")]
-        rest = [step.get(k) for k in ("reason_code", "party_id", "message")]
-        table.add_row(
-            str(n),
-            *[escape("" if v is None else str(v)) for v in plain],
-            f"[{colour}]{escape(status)}[/{colour}]",
-            *[escape("" if v is None else str(v)) for v in rest],
-            *([f"[green]{escape(statuses[n - 1])}[/green]"] if statuses is not None else []),
-        )
-    return table
-
-
-if __name__ == "__main__":
-    audit_app()

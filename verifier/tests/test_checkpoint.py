@@ -1,4 +1,4 @@
-"""Tests for shared.checkpoint: C2SP tlog-checkpoint in C2SP signed-note format."""
+"""Tests for gputrace_verifier.checkpoint: C2SP tlog-checkpoint in C2SP signed-note format."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-from shared.checkpoint import (
+from gputrace_verifier.checkpoint import (
     Checkpoint,
     CheckpointError,
     key_id,
@@ -20,7 +19,7 @@ from shared.checkpoint import (
     sign_checkpoint,
     sign_note,
 )
-from shared.merkle import EMPTY_ROOT, leaf_hash
+from gputrace_verifier.merkle import EMPTY_ROOT, leaf_hash
 
 EM = "\u2014"
 
