@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,25 +26,19 @@ from gputrace_verifier.merkle import EMPTY_ROOT, leaf_hash
 EM = "\u2014"
 
 # ---------------------------------------------------------------- published vectors
-# golang.org/x/mod/sumdb/note note_test.go (BSD-3-Clause, The Go Authors).
-PETER_SKEY_B64 = "AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz"  # 0x01 || Ed25519 seed
-PETER_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"
-ENOCH_VKEY = "EnochRoot+af0cfe78+ATtqJ7zOtqQtYqOo0CpvDXNlMhV3HeJDpjrASKGLWdop"
-GO_TEXT = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"
-PETER_SIG = (
-    f"{EM} PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n"
-)
-ENOCH_SIG = (
-    f"{EM} EnochRoot rwz+eBzmZa0SO3NbfRGzPCpDckykFXSdeX+MNtCOXm2/5n2tiOHp+vAF1aGrQ5ovTG01oOTGwnWLox33WWd1RvMc+QQ=\n"
-)
-# The Go checksum database's published key (cmd/go/internal/modfetch/key.go) — its base64
-# contains '+', which the vkey parser must not split on — and a checkpoint it signed.
-SUMDB_VKEY = "sum.golang.org+033de0ae+Ac4zctda0e5eza+HJyk9SxEdh+s3Ux18htTTAD8OuAn8"
-SUMDB_NOTE = (
-    "go.sum database tree\n65664258\nWVVNVD2qx+fTq31zkj6UAqxT5X6HvGphGM+o8Thnbsg=\n\n"
-    f"{EM} sum.golang.org "
-    "Az3grligJmgX7KGyGPKybykNTh3VgsbLvUuvOwrM5zLVlulmFp2wdvbxOw74/gcNxURShXEpb7RXcs3+BYflYN+w0gQ=\n"
-)
+# vectors/go-signed-note.json: golang.org/x/mod/sumdb/note note_test.go (BSD-3-Clause, The Go
+# Authors), and the Go checksum database's published key (cmd/go/internal/modfetch/key.go) — its
+# base64 contains '+', which the vkey parser must not split on — with a checkpoint it signed.
+_VECTORS = json.loads((Path(__file__).parent / "vectors" / "go-signed-note.json").read_text())
+_GO, _SUMDB = _VECTORS["go_note"], _VECTORS["sumdb"]
+PETER_SKEY_B64: str = _GO["peter_skey"]  # 0x01 || Ed25519 seed
+PETER_VKEY: str = _GO["peter_vkey"]
+ENOCH_VKEY: str = _GO["enoch_vkey"]
+GO_TEXT: str = _GO["text"]
+PETER_SIG: str = _GO["peter_signature_line"]
+ENOCH_SIG: str = _GO["enoch_signature_line"]
+SUMDB_VKEY: str = _SUMDB["vkey"]
+SUMDB_NOTE: str = _SUMDB["note"]
 
 LOG = "gputrace.example/ledger"
 ROOT_B64 = base64.b64encode(EMPTY_ROOT).decode()
@@ -76,7 +72,7 @@ def raw(pub: object) -> bytes:
 
 def test_go_vectors_key_id_vkey_and_deterministic_signature() -> None:
     key = peter_key()
-    assert key_id("PeterNeumann", key.public_key()).hex() == "c74f20a3"
+    assert key_id("PeterNeumann", key.public_key()).hex() == _GO["peter_key_id"] == "c74f20a3"
     assert make_vkey("PeterNeumann", key.public_key()) == PETER_VKEY
     # Ed25519 is deterministic, so our signer must reproduce Go's note byte for byte.
     assert sign_note(GO_TEXT, "PeterNeumann", key) == GO_TEXT + "\n" + PETER_SIG
@@ -90,10 +86,10 @@ def test_go_note_with_two_signatures_verifies_with_either_key() -> None:
 
 
 def test_real_sum_golang_org_checkpoint() -> None:
-    cp = parse_and_verify(SUMDB_NOTE, SUMDB_VKEY, expected_origin="go.sum database tree")
-    assert cp.origin == "go.sum database tree"
-    assert cp.size == 65664258
-    assert cp.root_hash == base64.b64decode("WVVNVD2qx+fTq31zkj6UAqxT5X6HvGphGM+o8Thnbsg=")
+    cp = parse_and_verify(SUMDB_NOTE, SUMDB_VKEY, expected_origin=_SUMDB["origin"])
+    assert cp.origin == "go.sum database tree" == _SUMDB["origin"]
+    assert cp.size == 65664258 == _SUMDB["size"]
+    assert cp.root_hash == base64.b64decode(_SUMDB["root_hash"])
     assert cp.extensions == ()
     with pytest.raises(CheckpointError, match="bad signature"):
         parse_and_verify(SUMDB_NOTE.replace("65664258", "65664259"), SUMDB_VKEY)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import math
 import random
 from functools import cache
+from pathlib import Path
+from typing import Any
 
 import pytest
 from gputrace_verifier import merkle
@@ -125,76 +129,16 @@ def flip(h: bytes, bit: int = 3) -> bytes:
 
 
 # --------------------------------------------------------------------------- known answers
-# transparency-dev/merkle testonly/constants.go and proof/verify_test.go (RFC 6962 hashing,
-# which RFC 9162 keeps unchanged for SHA-256).
+# vectors/rfc9162-known-answers.json: transparency-dev/merkle testonly/constants.go and
+# proof/verify_test.go (RFC 6962 hashing, which RFC 9162 keeps unchanged for SHA-256).
 
-KAT_LEAVES = [
-    bytes.fromhex(h)
-    for h in (
-        "",
-        "00",
-        "10",
-        "2021",
-        "3031",
-        "40414243",
-        "5051525354555657",
-        "606162636465666768696a6b6c6d6e6f",
-    )
-]
-KAT_ROOTS = [
-    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
-    "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
-    "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
-    "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
-    "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
-    "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
-    "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
-    "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
-    "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
-]
-KAT_NODES = {
-    (0, 0): "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
-    (0, 1): "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
-    (0, 2): "0298d122906dcfc10892cb53a73992fc5b9f493ea4c9badb27b791b4127a7fe7",
-    (0, 3): "07506a85fd9dd2f120eb694f86011e5bb4662e5c415a62917033d4a9624487e7",
-    (0, 4): "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
-    (0, 5): "4271a26be0d8a84f0bd54c8c302e7cb3a3b5d1fa6780a40bcce2873477dab658",
-    (0, 6): "b08693ec2e721597130641e8211e7eedccb4c26413963eee6c1e2ed16ffb1a5f",
-    (0, 7): "46f6ffadd3d06a09ff3c5860d2755c8b9819db7df44251788c7d8e3180de8eb1",
-    (1, 0): "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
-    (1, 1): "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-    (1, 2): "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
-    (1, 3): "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
-    (2, 0): "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
-    (2, 1): "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
-    (3, 0): "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
-}
-# (0-based leaf index, tree size, proof)
-KAT_INCLUSION = [
-    (0, 8, ["96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
-            "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-            "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4"]),
-    (5, 8, ["bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
-            "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
-            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"]),
-    (2, 3, ["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"]),
-    (1, 5, ["6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
-            "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-            "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b"]),
-]  # fmt: skip
-KAT_CONSISTENCY = [
-    (1, 8, ["96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
-            "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-            "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4"]),
-    (6, 8, ["0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
-            "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
-            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"]),
-    (2, 5, ["5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-            "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b"]),
-    (6, 7, ["0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
-            "b08693ec2e721597130641e8211e7eedccb4c26413963eee6c1e2ed16ffb1a5f",
-            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"]),
-]  # fmt: skip
+VECTORS = Path(__file__).parent / "vectors"
+_KAT = json.loads((VECTORS / "rfc9162-known-answers.json").read_text())
+KAT_LEAVES = [bytes.fromhex(h) for h in _KAT["leaves"]]
+KAT_ROOTS: list[str] = _KAT["roots"]
+KAT_NODES = {(int(k.split("/")[0]), int(k.split("/")[1])): h for k, h in _KAT["nodes"].items()}
+KAT_INCLUSION = [(v["leaf_index"], v["tree_size"], v["proof"]) for v in _KAT["inclusion"]]
+KAT_CONSISTENCY = [(v["first"], v["second"], v["proof"]) for v in _KAT["consistency"]]
 
 
 def _kat_store() -> tuple[dict[Coord, bytes], list[bytes]]:
@@ -239,6 +183,65 @@ def test_known_answer_consistency(first: int, second: int, proof: list[str]) -> 
     assert [h.hex() for h in got] == proof
     r1, r2 = bytes.fromhex(KAT_ROOTS[first]), bytes.fromhex(KAT_ROOTS[second])
     assert verify_consistency(first, second, r1, r2, got)
+
+
+# --------------------------------------------------------------------------- published probes
+# vectors/transparency-dev-merkle-probes.json: transparency-dev/merkle's published JSON test data
+# (each happy path and every corruption of it), transcribed. Bytes are as published: a "hash" of
+# the wrong length (b"WrongLeaf", b"") must make verification answer False, never raise.
+
+PROBES = json.loads((VECTORS / "transparency-dev-merkle-probes.json").read_text())
+# Where we are deliberately stricter than the Go verifier that published the probes, and why.
+STRICTER = {
+    ("consistency/additional", "sizes are equal (one) and proof is empty"): (
+        "its roots are 12-byte strings; we refuse anything but 32-byte roots, even when the sizes are equal"
+    ),
+}
+
+
+def _b64(value: str | None) -> bytes:
+    return base64.b64decode(value or "")
+
+
+def _hashes(values: list[str] | None) -> list[bytes]:
+    return [_b64(v) for v in values or []]  # null (a nil proof in Go) is the empty proof
+
+
+def _probe_id(probe: dict[str, Any]) -> str:
+    return f"{probe['dir']}:{probe['desc']}"
+
+
+def _expected(probe: dict[str, Any]) -> bool:
+    return not probe["wantErr"] and (probe["dir"], probe["desc"]) not in STRICTER
+
+
+@pytest.mark.parametrize("probe", PROBES["inclusion"], ids=_probe_id)
+def test_transparency_dev_inclusion_probes(probe: dict[str, Any]) -> None:
+    leaf, root, proof = _b64(probe["leafHash"]), _b64(probe["root"]), _hashes(probe["proof"])
+    assert verify_inclusion(leaf, probe["leafIdx"], probe["treeSize"], proof, root) is _expected(probe)
+    if _expected(probe) and probe["dir"] != "inclusion/single-entry":
+        # A published good proof is also exactly the one our builder makes from the same leaves.
+        store, roots = _kat_store()
+        assert inclusion_proof(probe["leafIdx"], probe["treeSize"], store) == proof
+        assert roots[probe["treeSize"]] == root
+
+
+@pytest.mark.parametrize("probe", PROBES["consistency"], ids=_probe_id)
+def test_transparency_dev_consistency_probes(probe: dict[str, Any]) -> None:
+    first, second = probe["size1"], probe["size2"]
+    r1, r2, proof = _b64(probe["root1"]), _b64(probe["root2"]), _hashes(probe["proof"])
+    assert verify_consistency(first, second, r1, r2, proof) is _expected(probe)
+    if _expected(probe) and probe["dir"] != "consistency/additional":
+        store, roots = _kat_store()
+        assert consistency_proof(first, second, store) == proof
+        assert (roots[first], roots[second]) == (r1, r2)
+
+
+def test_the_published_probes_are_all_there() -> None:
+    # A truncated transcription must not pass quietly: counts as cmd/proofgen writes them.
+    assert len(PROBES["inclusion"]) == 98 and len(PROBES["consistency"]) == 98
+    assert sum(not p["wantErr"] for p in PROBES["inclusion"]) == 6
+    assert sum(not p["wantErr"] for p in PROBES["consistency"]) == 6
 
 
 def test_pinned_roots_of_this_suite_leaves() -> None:
