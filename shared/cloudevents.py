@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import math
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -21,6 +23,19 @@ from typing import Any
 import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.contract import (
+    EARLIEST_YEAR,
+    LATEST_YEAR,
+    MAX_ATTRIBUTE_CHARS,
+    MAX_DEPTH,
+    MAX_ID_CHARS,
+    MAX_SAFE_INTEGER,
+    MAX_STRING_CHARS,
+    MAX_SUBJECT_CHARS,
+    MAX_TYPE_CHARS,
+)
+from shared.db import fit
 
 CE_PREFIX = "ce_"
 CONTENT_TYPE = "application/json"
@@ -114,43 +129,233 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def from_record(value: bytes | None, headers: Iterable[tuple[str, bytes]] | Mapping[str, bytes]) -> CloudEvent:
-    """Read a binary-mode record; raises UnreadableRecord naming what is missing or broken."""
+class _Limit(Exception):
+    """Raised by the JSON parser's hooks: the value is JSON but breaks the contract's limits."""
+
+
+def _parse_int(text: str) -> int:
+    # Judged on the literal's digits, before converting: a 5,000-digit literal costs nothing (and
+    # never reaches int()'s 4,300-digit ValueError).
+    if len(text) > 17 or abs(n := int(text)) > MAX_SAFE_INTEGER:
+        raise _Limit(f"integer {_head(text)} is beyond ±(2^53 − 1)")
+    return n
+
+
+def _parse_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise _Limit(f"number {_head(text)} is out of range")
+    return number
+
+
+def _parse_constant(name: str) -> Any:
+    raise _Limit(f"{name} is not a JSON number")
+
+
+def _parse_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # Which one was signed? RFC 8785 (I-JSON) has no answer: refuse.
+        raise _Limit("an object repeats a member name")
+    return obj
+
+
+def parse_json(value: bytes) -> Any:
+    """UTF-8 JSON within the number limits (ints ±(2^53 − 1), finite), no repeated member names.
+    Raises UnreadableRecord when the bytes are not UTF-8 JSON, _Limit when they break a limit;
+    RecursionError (nesting beyond the parser's stack) is the caller's to name."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableRecord(f"record value is not UTF-8: {exc}") from exc
+    try:
+        return json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+            object_pairs_hook=_parse_object,
+        )
+    except json.JSONDecodeError as exc:
+        raise UnreadableRecord(f"record value is not JSON: {exc}") from exc
+
+
+def _head(text: str, n: int = 24) -> str:
+    return text if len(text) <= n else f"{text[:n]}… ({len(text)} characters)"
+
+
+def _text_problem(text: str, limit: int) -> str | None:
+    """Why a string cannot be stored and signed as it is, or None."""
+    if len(text) > limit:
+        return f"is {len(text)} characters long (limit {limit})"
+    if "\x00" in text:
+        return "contains U+0000"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def _data_problem(data: dict[str, Any]) -> str | None:
+    """The first way `data` breaks the limits, or None. Iterative: depth is what it checks."""
+    stack: list[tuple[Any, int, str]] = [(data, 1, "data")]
+    while stack:
+        node, depth, where = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_DEPTH:
+                return f"data is nested deeper than {MAX_DEPTH} levels"
+            if isinstance(node, dict):
+                for name, item in node.items():
+                    if why := _text_problem(name, MAX_STRING_CHARS):
+                        return f"a member name in {where} {why}"
+                    stack.append((item, depth + 1, f"{where}.{_head(name)}"))
+            else:
+                stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(node))
+        elif isinstance(node, str) and (why := _text_problem(node, MAX_STRING_CHARS)):
+            return f"{where} {why}"
+    return None
+
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
+
+
+def _time_problem(text: str) -> str | None:
+    upper = text.upper()
+    if not _RFC3339.match(upper):
+        return f"ce_time {_head(text)!r} is not an RFC 3339 time"
+    try:
+        # fromisoformat (3.11) takes at most microseconds: cut nanoseconds, the year is what counts.
+        moment = datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", upper.replace("Z", "+00:00")))
+    except ValueError:
+        return f"ce_time {_head(text)!r} is not an RFC 3339 time"
+    if not EARLIEST_YEAR <= moment.year <= LATEST_YEAR:
+        return f"ce_time {_head(text)!r} is not between the years {EARLIEST_YEAR} and {LATEST_YEAR}"
+    return None
+
+
+def _envelope_problem(attrs: dict[str, str], names: list[str], key: bytes | None) -> str | None:
+    """The first way the attributes or the key break the limits (identity is checked before)."""
+    for name in names:
+        if len(name) > MAX_TYPE_CHARS:
+            return f"header name {_head(name)!r} is {len(name)} characters long (limit {MAX_TYPE_CHARS})"
+    limits = {"type": MAX_TYPE_CHARS, "subject": MAX_SUBJECT_CHARS}
+    for name, text in attrs.items():
+        if why := _text_problem(text, limits.get(name, MAX_ATTRIBUTE_CHARS)):
+            return f"{'content-type' if name == 'datacontenttype' else 'ce_' + name} {why}"
+    if key is not None and len(key) > MAX_SUBJECT_CHARS:
+        return f"the record key is {len(key)} bytes long (limit {MAX_SUBJECT_CHARS})"
+    if "time" in attrs:
+        return _time_problem(attrs["time"])
+    return None
+
+
+def _name(raw: Any) -> str:
+    """A header name as text; bytes that are not UTF-8 stay visible as surrogate escapes."""
+    if isinstance(raw, str):
+        return raw
+    return bytes(raw).decode("utf-8", "surrogateescape")
+
+
+def printable(text: str) -> str:
+    """Text safe to serialise anywhere (no lone surrogates): undecodable bytes as \\xNN."""
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (a JSON "\\ud800")
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class Received:
+    """A record read as an event. `problem` says how it breaks the contract's limits (the event is
+    then rejected SCHEMA_INVALID, unsigned-checked, and `event.data` is empty)."""
+
+    event: CloudEvent
+    value_sha256: str
+    value_length: int
+    problem: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What a decision records of an event whose data cannot be recorded: its attributes (cut to
+        fit) and the SHA-256 of the record value, which identifies the bytes without holding them."""
+        attrs = {fit(k, MAX_TYPE_CHARS): fit(v, MAX_SUBJECT_CHARS) for k, v in self.event.attributes().items()}
+        if self.event.signature:
+            attrs["signature"] = fit(self.event.signature, MAX_SUBJECT_CHARS)
+        return {**attrs, "data_sha256": self.value_sha256, "data_length": self.value_length}
+
+
+def read_record(
+    value: bytes | None,
+    headers: Iterable[tuple[Any, bytes | None]] | Mapping[str, bytes],
+    key: bytes | None = None,
+    *,
+    limits: bool = True,
+) -> Received:
+    """Read a binary-mode record. Total: raises only UnreadableRecord (a record with no usable
+    envelope: no identity to answer to), naming what is missing or broken. `limits=False` (records
+    of our own services) skips the attribute, key and nesting limits but still parses safely."""
     items = headers.items() if isinstance(headers, Mapping) else headers
     attrs: dict[str, str] = {}
+    names: list[str] = []
     trace: dict[str, str] = {}
     content_type: str | None = None
-    for name, raw in items:
+    for raw_name, raw in items:
+        name = _name(raw_name)
+        if printable(name) != name:
+            raise UnreadableRecord(f"header name {printable(name)!r} is not UTF-8")
         try:
-            text = raw.decode() if isinstance(raw, bytes | bytearray) else str(raw)
+            text = bytes(raw or b"").decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise UnreadableRecord(f"header {name!r} is not UTF-8") from exc
+            raise UnreadableRecord(f"header {printable(name)!r} is not UTF-8") from exc
         lname = name.lower()
-        if lname.startswith(CE_PREFIX):
-            attrs[lname[len(CE_PREFIX) :]] = text
-        elif lname == "content-type":
-            content_type = text
-        elif lname in TRACE_HEADERS:
-            trace[lname] = text
+        if lname.startswith(CE_PREFIX) or lname == "content-type":
+            attr = "datacontenttype" if lname == "content-type" else lname[len(CE_PREFIX) :]
+            if attr in attrs or (attr == "datacontenttype" and content_type is not None):
+                # Two values for one attribute: which was signed is anyone's guess.
+                raise UnreadableRecord(f"header {printable(name)!r} appears more than once")
+            names.append(name)
+            if attr == "datacontenttype":
+                content_type = text
+            else:
+                attrs[attr] = text
+        elif lname in TRACE_HEADERS and lname not in trace and len(text) <= 512:
+            trace[lname] = text  # W3C caps tracestate at 512; a longer one is dropped, not copied on
     missing = [f"ce_{a}" for a in REQUIRED if not attrs.get(a)]
     if missing:
         raise UnreadableRecord(f"missing CloudEvents header(s): {', '.join(missing)}")
     if attrs["specversion"] != "1.0":
-        raise UnreadableRecord(f"unsupported ce_specversion {attrs['specversion']!r} (expected 1.0)")
+        raise UnreadableRecord(f"unsupported ce_specversion {_head(attrs['specversion'])!r} (expected 1.0)")
+    for attr in ("id", "source"):
+        if why := _text_problem(attrs[attr], MAX_ID_CHARS):
+            raise UnreadableRecord(f"ce_{attr} {why}: the event has no identity an outcome could name")
     if value is None:
         raise UnreadableRecord("record has no value (expected the event's JSON data)")
+    digest, length = hashlib.sha256(value).hexdigest(), len(value)
+    problem: str | None = None
+    data: Any = {}
     try:
-        data = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnreadableRecord(f"record value is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise UnreadableRecord("record value is JSON but not an object")
-    known = {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "signature"}
-    return CloudEvent(
+        data = parse_json(value)
+    except _Limit as exc:
+        problem = str(exc)
+    except RecursionError:
+        problem = f"data is nested deeper than {MAX_DEPTH} levels"
+    except ValueError as exc:  # the parser's own limits, should a hook not see them first
+        problem = f"data is out of bounds: {_head(str(exc), 200)}"
+    if problem is None:
+        if not isinstance(data, dict):
+            raise UnreadableRecord("record value is JSON but not an object")
+        if limits:
+            problem = _data_problem(data) or _envelope_problem(attrs, names, key)
+    known = {"specversion", "id", "source", "type", "subject", "time", "signature"}
+    event = CloudEvent(
         id=attrs["id"],
         source=attrs["source"],
         type=attrs["type"],
-        data=data,
+        data=data if problem is None else {},
         subject=attrs.get("subject"),
         time=attrs.get("time"),
         specversion=attrs["specversion"],
@@ -159,3 +364,12 @@ def from_record(value: bytes | None, headers: Iterable[tuple[str, bytes]] | Mapp
         extensions={k: v for k, v in attrs.items() if k not in known},
         trace=trace,
     )
+    return Received(event, digest, length, problem)
+
+
+def from_record(value: bytes | None, headers: Iterable[tuple[Any, bytes | None]] | Mapping[str, bytes]) -> CloudEvent:
+    """Read a binary-mode record strictly: UnreadableRecord also for one that breaks a limit."""
+    received = read_record(value, headers)
+    if received.problem is not None:
+        raise UnreadableRecord(received.problem)
+    return received.event

@@ -7,8 +7,13 @@ the batch goes on. In that transaction go the state change, the processed-messag
 committed by FastStream's ack only after the transaction commits (AckPolicy.NACK_ON_ERROR):
 if the database is away, the batch is nacked (the consumer seeks back) and retried.
 
-Nothing blocks a partition: unreadable records and records whose handler fails go to the DLQ
-with their bytes and reason; every readable partner event gets exactly one outcome.
+Nothing blocks a partition: reading a record never raises (an unreadable one is dead-lettered
+with its bytes and the reason; one beyond the contract's limits is rejected SCHEMA_INVALID). A
+batch that fails for any reason but the database or broker being away is replayed record by
+record; a record whose handler still fails after MAX_TRIES deliveries (counted in the database,
+so across redeliveries and restarts) is dead-lettered and, if it is a partner event, answered
+INTERNAL_ERROR. So every readable partner event gets exactly one decision and one outcome.
+Outages (database, broker) are retried without limit and never dead-lettered.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,17 +30,26 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 from pydantic import ValidationError
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select, tuple_
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.aggregates import AggregateCache
-from shared.cloudevents import CloudEvent, UnreadableRecord, child_trace, from_record, now_rfc3339
+from shared.cloudevents import (
+    CloudEvent,
+    Received,
+    UnreadableRecord,
+    child_trace,
+    now_rfc3339,
+    printable,
+    read_record,
+)
 from shared.contract import (
     DLQ_TOPIC,
     EVENTS,
+    MAX_SUBJECT_CHARS,
     OUTCOMES_TOPIC,
     Contract,
     EventSpec,
@@ -42,7 +57,7 @@ from shared.contract import (
     decisions_topic,
     service_source,
 )
-from shared.db import ProcessedMessage, utcnow
+from shared.db import DeliveryFailure, ProcessedMessage, fit, utcnow
 from shared.decisions import (
     DECISION_TYPE,
     DLQ_TYPE,
@@ -142,8 +157,32 @@ def publish_decision(session: AsyncSession, decision: Decision, trace: dict[str,
     )
 
 
-class InfrastructureError(Exception):
-    """The database or broker is unavailable: retry the whole batch, never dead-letter it."""
+# Deliveries of a record whose handler fails before it is given up (dead letter, INTERNAL_ERROR).
+MAX_TRIES = 3
+# processed_messages.source / event_id are VARCHAR(300): idempotency keys are fitted to them.
+_KEY_CHARS = 300
+# What a dead letter keeps of a record, so that the letter always fits in a Kafka record (1 MiB):
+# the value whole up to this size, else its head (with its SHA-256 and length, always given).
+LETTER_VALUE_BYTES = 128 * 1024
+LETTER_KEY_BYTES = 1024
+LETTER_HEADERS = 32
+LETTER_HEADER_BYTES = 1024
+# A decision embeds the partner's event; beyond this its data is summarised (SHA-256), so the
+# decision record stays well under Kafka's 1 MiB and always reaches the ledger.
+_EMBED_LIMIT = 512 * 1024
+
+
+class RetryBatch(Exception):
+    """A record's handler failed and has tries left: the batch is nacked and delivered again."""
+
+
+class _RecordFailed(Exception):
+    """Raised out of a safe-mode run: this record failed and is to be tried again."""
+
+    def __init__(self, item: _Item, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.item = item
+        self.error = error
 
 
 def _is_infrastructure(exc: BaseException) -> bool:
@@ -166,9 +205,14 @@ class _Item:
     record: ConsumerRecord
     key: tuple[str, str]  # the idempotency key: (ce_source, ce_id), or the Kafka position
     event: CloudEvent | None = None
+    received: Received | None = None
     unreadable: str | None = None
     party: RegisteredParty | None = None
     authentic: bool = False
+
+    @property
+    def position(self) -> str:
+        return f"{self.record.topic}/{self.record.partition}@{self.record.offset}"
 
 
 class NeedsSafeMode(Exception):
@@ -232,33 +276,90 @@ class BatchProcessor:
         self._prefetch = prefetch
 
     async def process(self, records: Sequence[ConsumerRecord]) -> None:
+        """Decide a polled batch. Raises only for an outage (retry it) or RetryBatch (a record
+        failed and has tries left); the subscriber then nacks, and the batch comes again."""
         items = [self._read(record) for record in records]
         for record in records:
             EVENTS_CONSUMED.labels(self.service, record.topic).inc()
         try:
             await self._run(items, safe=False)
+            return
         except NeedsSafeMode as why:
             log.warning("batch of %d replayed record by record: %s", len(items), why)
+        try:
             await self._run(items, safe=True)
+            return
+        except _RecordFailed as failed:
+            await self._retry_later(failed.item, failed.error)
+        except Exception as exc:
+            if _is_infrastructure(exc):
+                raise
+            # Not any one record's handler: a batch-level write or hook. One transaction per
+            # record finds the record it comes from.
+            log.warning("batch of %d failed (%s: %s); one record per transaction", len(items), type(exc).__name__, exc)
+        for item in items:
+            try:
+                await self._run([item], safe=True)
+            except _RecordFailed as failed:
+                await self._retry_later(failed.item, failed.error)
+            except Exception as exc:
+                if _is_infrastructure(exc):
+                    raise
+                tries = await self._count_failure(item, exc)
+                if tries < MAX_TRIES:
+                    raise RetryBatch(f"{item.position} failed ({tries} of {MAX_TRIES} tries)") from exc
+                await self._run([item], safe=True, give_up=(exc, tries))
+
+    async def _retry_later(self, item: _Item, error: BaseException) -> None:
+        tries = await self._count_failure(item, error)
+        raise RetryBatch(f"{item.position} failed ({tries} of {MAX_TRIES} tries)") from error
+
+    async def _count_failure(self, item: _Item, error: BaseException) -> int:
+        """Count one failed try of a record, in its own transaction (the batch's was rolled back)."""
+        extra = {"event_id": item.key[1], "source": item.key[0]}
+        log.error("handler failed on %s", item.position, exc_info=error, extra=extra)
+        async with self._sessions() as session, session.begin():
+            row = await session.get(DeliveryFailure, item.position)
+            if row is None:
+                row = DeliveryFailure(position=item.position, attempts=0)
+            row.attempts += 1
+            row.error = _describe(error)
+            row.updated_at = utcnow()
+            session.add(row)
+            return row.attempts
 
     def _read(self, record: ConsumerRecord) -> _Item:
         try:
-            ev = from_record(record.value, record.headers)
+            return self._read_event(record)
+        except Exception as exc:  # a fault of ours in reading must not stop the partition either
+            log.exception("reading %s/%s@%s failed", record.topic, record.partition, record.offset)
+            return _Item(record, _kafka_key(record), unreadable=f"unreadable: {_describe(exc)}")
+
+    def _read_event(self, record: ConsumerRecord) -> _Item:
+        internal = record.topic in self._internal_topics
+        try:
+            got = read_record(record.value, record.headers, record.key, limits=not internal)
         except UnreadableRecord as exc:
             return _Item(record, _kafka_key(record), unreadable=str(exc))
-        if record.topic in self._internal_topics:
-            return _Item(record, (ev.source, ev.id), event=ev)
+        ev = got.event
+        if internal:
+            if got.problem is not None:
+                return _Item(record, _kafka_key(record), unreadable=got.problem)
+            return _Item(record, _key(ev.source, ev.id), event=ev, received=got)
         party = self._registry.by_source(ev.source) if self._registry else None
-        authentic = party is not None and ev.verify(party.public_key)
+        # An event beyond the limits is not signature-checked: RFC 8785 cannot even serialise it.
+        authentic = got.problem is None and party is not None and ev.verify(party.public_key)
         # An unauthenticated record must not claim the id of a genuine one: its idempotency key
         # includes a digest of its bytes, so a forgery never shadows the real event.
-        key = (ev.source, ev.id if authentic else f"{ev.id}#{_digest(record)}")
-        return _Item(record, key, event=ev, party=party, authentic=authentic)
+        key = _key(ev.source, ev.id if authentic else f"{ev.id}#{_digest(record)}")
+        return _Item(record, key, event=ev, received=got, party=party, authentic=authentic)
 
-    async def _run(self, items: list[_Item], safe: bool) -> None:
+    async def _run(self, items: list[_Item], safe: bool, give_up: tuple[BaseException, int] | None = None) -> None:
         async with self._sessions() as session, session.begin():
             pending = Pending.attach(session)
             seen = await _already_processed(session, [i.key for i in items])
+            # Failed tries so far, read only when something already went wrong (safe mode).
+            failures = await _failures(session, [i.position for i in items]) if safe else {}
             fresh = []
             for item in items:
                 if item.key in seen:
@@ -270,7 +371,13 @@ class BatchProcessor:
                 await self._prepare(session, fresh)
             watch = _Watch(session)
             for item in fresh:
-                await self._one(session, item, watch, safe)
+                if give_up is not None:
+                    self._give_up(session, item, *give_up)
+                else:
+                    await self._one(session, item, watch, safe, failures.get(item.position, 0))
+            if failures:
+                # Decided (or given up) at last: the count has done its job.
+                await session.execute(delete(DeliveryFailure).where(col(DeliveryFailure.position).in_(list(failures))))
             if not safe:
                 # The fast path defers the handlers' writes to here: a row the database refuses
                 # sends the batch to safe mode, where each record's savepoint flushes its own.
@@ -291,7 +398,7 @@ class BatchProcessor:
                 raise
             raise NeedsSafeMode(f"prefetch failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _one(self, session: AsyncSession, item: _Item, watch: _Watch, safe: bool) -> None:
+    async def _one(self, session: AsyncSession, item: _Item, watch: _Watch, safe: bool, failed: int = 0) -> None:
         if item.unreadable is not None:
             self._dead_letter(session, item.record, item.unreadable)
             return
@@ -310,10 +417,24 @@ class BatchProcessor:
             if _is_infrastructure(exc):
                 raise
             if not safe:
-                raise NeedsSafeMode(f"{type(exc).__name__}: {exc}") from exc
+                raise NeedsSafeMode(_describe(exc)) from exc
             pending.reset(mark)
-            log.exception("handler failed", extra={"event_id": item.event.id, "source": item.event.source})
-            self._dead_letter(session, item.record, f"handler failed: {type(exc).__name__}: {exc}")
+            if failed + 1 < MAX_TRIES:
+                raise _RecordFailed(item, exc) from exc
+            log.error("handler failed on %s; giving up", item.position, exc_info=exc)
+            self._give_up(session, item, exc, failed + 1)
+
+    def _give_up(self, session: AsyncSession, item: _Item, error: BaseException, tries: int) -> None:
+        """A record whose handler keeps failing: its bytes and the exception to the DLQ; a partner
+        event also gets its one decision (rejected, INTERNAL_ERROR) and outcome."""
+        self._dead_letter(session, item.record, f"handler failed {tries} times: {_describe(error)}")
+        if item.event is not None and item.record.topic not in self._internal_topics:
+            verdict = Rejected(
+                reason_code=ReasonCode.INTERNAL_ERROR,
+                message=f"the {self.service} service failed to decide this event ({type(error).__name__}); "
+                "it is dead-lettered for the operators: send it again with a new ce_id once they say so",
+            )
+            self._record(session, item, verdict, None, summarise=True)
 
     async def _decide(self, session: AsyncSession, item: _Item, watch: _Watch, safe: bool) -> None:
         # Routed by topic, never by the claimed source: only services write decision topics.
@@ -348,7 +469,7 @@ class BatchProcessor:
     async def _partner(self, session: AsyncSession, item: _Item, watch: _Watch, safe: bool) -> None:
         record, event, party = item.record, item.event, item.party
         assert event is not None
-        verdict, inbound = self._admit(record, event, party, item.authentic)
+        verdict, inbound = self._admit(record, event, party, item.authentic, item.received)
         if inbound is not None:
             handler = self._partner_handlers.get(inbound.spec.type)
             if handler is None:
@@ -359,6 +480,14 @@ class BatchProcessor:
             else:
                 verdict = await self._call(session, watch, safe, handler, inbound)
         assert verdict is not None
+        self._record(session, item, verdict, inbound)
+
+    def _record(
+        self, session: AsyncSession, item: _Item, verdict: Verdict, inbound: Inbound | None, summarise: bool = False
+    ) -> None:
+        """The event's one decision (to the ledger) and one outcome (to the partner), and its mark."""
+        event, party = item.event, item.party
+        assert event is not None
         spec = EVENTS.get(event.type)
         aggregate = inbound.aggregate_id if inbound else _guess(event, spec)
         decision = Decision(
@@ -367,12 +496,12 @@ class BatchProcessor:
             decided_at=utcnow(),
             status=verdict.status,
             reason_code=getattr(verdict, "reason_code", None),
-            message=verdict.message,
-            event_type=event.type,
-            aggregate_id=aggregate,
+            message=fit(verdict.message, 2000),
+            event_type=fit(event.type, MAX_SUBJECT_CHARS),
+            aggregate_id=fit(aggregate, MAX_SUBJECT_CHARS) if aggregate is not None else None,
             batch_id=_batch_of(event),
             party_id=party.id if party else None,
-            event={**event.structured(), **({"signature": event.signature} if event.signature else {})},
+            event=_event_record(item, summarise),
             facts=verdict.facts,
             anomalies=verdict.anomalies,
         )
@@ -381,7 +510,7 @@ class BatchProcessor:
         outcome = Outcome(
             event_id=event.id,
             event_source=event.source,
-            event_type=event.type,
+            event_type=decision.event_type,
             status=decision.status,
             reason_code=decision.reason_code,
             message=decision.message,
@@ -406,7 +535,7 @@ class BatchProcessor:
         _mark(session, item.key, decision.decision_id)
         log.info(
             "decided %s %s",
-            event.type,
+            decision.event_type,
             decision.status,
             extra={
                 "event_id": event.id,
@@ -418,17 +547,29 @@ class BatchProcessor:
         )
 
     def _admit(
-        self, record: ConsumerRecord, event: CloudEvent, party: RegisteredParty | None, authentic: bool
+        self,
+        record: ConsumerRecord,
+        event: CloudEvent,
+        party: RegisteredParty | None,
+        authentic: bool,
+        received: Received | None = None,
     ) -> tuple[Verdict | None, Inbound | None]:
-        """The checks every partner event passes before any domain rule (design.md §4)."""
+        """The checks every partner event passes before any domain rule (docs/partner-contract.md)."""
+        if received is not None and received.problem is not None:
+            # First: beyond the limits, nothing else about the event can be trusted or even signed.
+            return Rejected(reason_code=ReasonCode.SCHEMA_INVALID, message=received.problem), None
         if party is None:
-            return Rejected(reason_code=ReasonCode.UNKNOWN_PARTY, message=f"no registered party {event.source!r}"), None
+            return Rejected(
+                reason_code=ReasonCode.UNKNOWN_PARTY, message=f"no registered party {fit(event.source, 200)!r}"
+            ), None
         if not authentic:
             why = "missing ce_signature" if not event.signature else "signature does not verify with the party's key"
             return Rejected(reason_code=ReasonCode.SIGNATURE_INVALID, message=why), None
         spec = EVENTS.get(event.type)
         if spec is None:
-            return Rejected(reason_code=ReasonCode.UNKNOWN_TYPE, message=f"unknown event type {event.type!r}"), None
+            return Rejected(
+                reason_code=ReasonCode.UNKNOWN_TYPE, message=f"unknown event type {fit(event.type, 200)!r}"
+            ), None
         if spec.topic != record.topic:
             return Rejected(
                 reason_code=ReasonCode.WRONG_TOPIC, message=f"{event.type} belongs on {spec.topic}, not {record.topic}"
@@ -462,7 +603,12 @@ class BatchProcessor:
         assert event is not None
         if self._internal_handler is None:
             raise RuntimeError(f"{self.service} reads {event.type} from a decision topic but has no internal handler")
-        decision = Decision.model_validate(event.data)
+        try:
+            decision = Decision.model_validate(event.data)
+        except ValidationError as exc:
+            # Not a decision at all: no retry will make it one.
+            self._dead_letter(session, item.record, f"not a decision: {_short_errors(exc)}")
+            return
         emitter = Emitter(self.service, session, event, child_trace(event.trace))
         await self._internal_handler(session, event, decision, emitter)
         _mark(session, item.key, None)
@@ -472,17 +618,7 @@ class BatchProcessor:
     def _dead_letter(self, session: AsyncSession, record: ConsumerRecord, reason: str) -> None:
         where, offset = _kafka_key(record)
         DEAD_LETTERS.labels(self.service, record.topic).inc()
-        letter = DeadLetter(
-            reason=reason,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key_b64=base64.b64encode(record.key).decode() if record.key is not None else None,
-            value_b64=base64.b64encode(record.value).decode() if record.value is not None else None,
-            headers=[(k, base64.b64encode(v or b"").decode()) for k, v in record.headers],
-            service=self.service,
-            failed_at=utcnow(),
-        )
+        letter = dead_letter(record, reason, self.service)
         enqueue(
             session,
             DLQ_TOPIC,
@@ -497,7 +633,7 @@ class BatchProcessor:
         )
         # Keyed by position: the same bad record redelivered is not dead-lettered twice.
         _mark(session, (where, offset), None)
-        log.warning("dead-lettered %s@%s: %s", where, offset, reason)
+        log.warning("dead-lettered %s@%s: %s", where, offset, letter.reason)
 
 
 async def _flush_or_safe_mode(session: AsyncSession) -> None:
@@ -507,6 +643,72 @@ async def _flush_or_safe_mode(session: AsyncSession) -> None:
         if _is_infrastructure(exc):
             raise
         raise NeedsSafeMode(f"writing the batch failed: {type(exc).__name__}: {exc}") from exc
+
+
+def dead_letter(record: ConsumerRecord, reason: str, service: str) -> DeadLetter:
+    """The DLQ letter of a record: always small enough for one Kafka record (heads of long
+    bytes, with the value's SHA-256 and length), and always serialisable (header names that are
+    not UTF-8 shown as \\xNN)."""
+    value = record.value
+    headers = list(record.headers)
+    truncated = (value is not None and len(value) > LETTER_VALUE_BYTES) or len(headers) > LETTER_HEADERS
+    truncated = truncated or (record.key is not None and len(record.key) > LETTER_KEY_BYTES)
+    truncated = truncated or any(len(v or b"") > LETTER_HEADER_BYTES for _, v in headers[:LETTER_HEADERS])
+    return DeadLetter(
+        reason=fit(reason, 4000),
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key_b64=_b64(record.key[:LETTER_KEY_BYTES]) if record.key is not None else None,
+        value_b64=_b64(value[:LETTER_VALUE_BYTES]) if value is not None else None,
+        value_length=len(value) if value is not None else None,
+        value_sha256=hashlib.sha256(value).hexdigest() if value is not None else None,
+        headers=[
+            (fit(printable(k if isinstance(k, str) else str(k)), 200), _b64((v or b"")[:LETTER_HEADER_BYTES]))
+            for k, v in headers[:LETTER_HEADERS]
+        ],
+        header_count=len(headers),
+        truncated=truncated,
+        service=service,
+        failed_at=utcnow(),
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _describe(error: BaseException) -> str:
+    return fit(f"{type(error).__name__}: {error}", 2000)
+
+
+def _key(source: str, event_id: str) -> tuple[str, str]:
+    return fit(source, _KEY_CHARS), fit(event_id, _KEY_CHARS)
+
+
+def _event_record(item: _Item, summarise: bool) -> dict[str, Any]:
+    """The event as its decision records it: the signed structured form, so an auditor can check
+    the partner's signature; a summary (attributes, SHA-256 of the value) when the data cannot or
+    should not be embedded (beyond the limits, too large, or the reason a handler failed)."""
+    event, received = item.event, item.received
+    assert event is not None
+    if received is not None and (summarise or received.problem is not None or _too_large(event, received)):
+        return received.summary()
+    return {**event.structured(), **({"signature": event.signature} if event.signature else {})}
+
+
+def _too_large(event: CloudEvent, received: Received) -> bool:
+    # Re-serialised, JSON may grow (escapes) up to 6x: measured only when that could matter.
+    if received.value_length * 6 <= _EMBED_LIMIT:
+        return False
+    return len(json.dumps(event.data, ensure_ascii=False).encode()) > _EMBED_LIMIT
+
+
+async def _failures(session: AsyncSession, positions: list[str]) -> dict[str, int]:
+    rows = await session.execute(
+        select(DeliveryFailure.position, DeliveryFailure.attempts).where(col(DeliveryFailure.position).in_(positions))
+    )
+    return {position: attempts for position, attempts in rows}
 
 
 def _kafka_key(record: ConsumerRecord) -> tuple[str, str]:
@@ -537,7 +739,7 @@ def _mark(session: AsyncSession, key: tuple[str, str], decision: str | None) -> 
 def _digest(record: ConsumerRecord) -> str:
     h = hashlib.sha256(record.value or b"")
     for k, v in record.headers:
-        h.update(k.encode() + b"\0" + (v or b"") + b"\0")
+        h.update(str(k).encode("utf-8", "surrogatepass") + b"\0" + (v or b"") + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -549,7 +751,7 @@ def _guess(event: CloudEvent, spec: EventSpec | None) -> str | None:
 
 def _batch_of(event: CloudEvent) -> str | None:
     value = event.data.get("batch_id") or event.data.get("earmark_batch_id")
-    return value if isinstance(value, str) else None
+    return fit(value, MAX_SUBJECT_CHARS) if isinstance(value, str) else None
 
 
 def _short_errors(exc: ValidationError) -> str:

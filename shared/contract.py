@@ -103,6 +103,28 @@ class ReasonCode(StrEnum):
     SERIAL_DAMAGED = "SERIAL_DAMAGED"
     SERIAL_NOT_INSTALLED = "SERIAL_NOT_INSTALLED"
     OUT_OF_ORDER = "OUT_OF_ORDER"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+# --- limits -------------------------------------------------------------------------------
+# What a record may carry and still be an event (docs/partner-contract.md §2, "Limits"). They keep
+# every event storable (bounded columns), signable and hashable (RFC 8785 takes only I-JSON:
+# integers within ±(2^53 − 1), finite numbers, valid Unicode) and parseable without exhausting
+# the parser.
+
+# Identity: an event is answered by (ce_source, ce_id). Beyond these the record is dead-lettered,
+# for an outcome could not name it faithfully.
+MAX_ID_CHARS = 200
+# Checked on readable events, before the signature: beyond these, SCHEMA_INVALID.
+MAX_TYPE_CHARS = 100  # ce_type
+MAX_SUBJECT_CHARS = 200  # ce_subject, and the record key (UTF-8 bytes)
+MAX_ATTRIBUTE_CHARS = 1000  # any other attribute: ce_time, ce_signature, extensions, content-type
+MAX_DEPTH = 32  # nesting of `data` (the object itself is level 1)
+MAX_STRING_CHARS = 10_000  # any string in `data`, member names included
+MAX_SAFE_INTEGER = 2**53 - 1  # |n| for any integer in `data` (I-JSON, RFC 7493)
+# Dates and times in `data` and `ce_time` must fall in these years (a typo like 9999 is caught).
+EARLIEST_YEAR = 2020
+LATEST_YEAR = 2100
 
 
 # --- value types --------------------------------------------------------------------------
@@ -121,6 +143,17 @@ def _upper_alpha2(v: str) -> str:
 
 
 Country = Annotated[str, AfterValidator(_upper_alpha2)]
+
+
+def _plausible(v: date) -> date:
+    # datetime is a date: one check for both.
+    if not EARLIEST_YEAR <= v.year <= LATEST_YEAR:
+        raise ValueError(f"must fall between the years {EARLIEST_YEAR} and {LATEST_YEAR}")
+    return v
+
+
+Moment = Annotated[datetime, AfterValidator(_plausible)]
+Day = Annotated[date, AfterValidator(_plausible)]
 NonEmpty = Annotated[str, Field(min_length=1, max_length=200)]
 
 
@@ -168,8 +201,8 @@ class PledgeCommitted(Contract):
     gpus: GpuCount | None = None
     capacity: Capacity | None = None
     earmark_batch_id: NonEmpty | None = None
-    committed_at: datetime
-    due_by: date | datetime
+    committed_at: Moment
+    due_by: Day | Moment
 
 
 class PledgeAmended(Contract):
@@ -179,7 +212,7 @@ class PledgeAmended(Contract):
     gpus: GpuCount | None = None
     capacity: Capacity | None = None
     earmark_batch_id: NonEmpty | None = None
-    due_by: date | datetime | None = None
+    due_by: Day | Moment | None = None
     reason: NonEmpty
 
 
@@ -205,7 +238,7 @@ class BatchRequested(Contract):
     model: NonEmpty
     quantity: int
     site_id: NonEmpty
-    needed_by: date | datetime
+    needed_by: Day | Moment
 
 
 class QuoteSubmitted(Contract):
@@ -215,7 +248,7 @@ class QuoteSubmitted(Contract):
     model: NonEmpty
     quantity: int
     unit_price: Money
-    valid_until: date | datetime
+    valid_until: Day | Moment
     lead_time_days: int
     origin_country: Country
     route: list[Country]
@@ -233,7 +266,7 @@ class QuoteWithdrawn(Contract):
 class QuoteAwarded(Contract):
     batch_id: NonEmpty
     quote_id: NonEmpty
-    awarded_at: datetime
+    awarded_at: Moment
 
 
 # --- licensing ----------------------------------------------------------------------------
@@ -243,7 +276,7 @@ class LicenseGranted(Contract):
     batch_id: NonEmpty
     license_number: NonEmpty
     quantity: int
-    valid_until: date | datetime
+    valid_until: Day | Moment
 
 
 class LicenseDenied(Contract):
@@ -263,14 +296,14 @@ class ShipmentDispatched(Contract):
     serials: list[Serial] = Field(min_length=1)
     origin_country: Country
     route: list[Country]
-    dispatched_at: datetime
+    dispatched_at: Moment
 
 
 class ShipmentCleared(Contract):
     shipment_id: NonEmpty
     batch_id: NonEmpty
     declaration_number: NonEmpty
-    cleared_at: datetime
+    cleared_at: Moment
 
 
 class ShipmentReceived(Contract):
@@ -279,7 +312,7 @@ class ShipmentReceived(Contract):
     site_id: NonEmpty
     received_serials: list[Serial]
     damaged_serials: list[Serial] = []
-    received_at: datetime
+    received_at: Moment
 
 
 class Placement(Contract):
@@ -292,14 +325,14 @@ class BatchInstalled(Contract):
     batch_id: NonEmpty
     site_id: NonEmpty
     placements: list[Placement] = Field(min_length=1)
-    installed_at: datetime
+    installed_at: Moment
 
 
 class BatchAccepted(Contract):
     batch_id: NonEmpty
     passed_serials: list[Serial]
     failed_serials: list[Serial] = []
-    accepted_at: datetime
+    accepted_at: Moment
     report_uri: NonEmpty
 
 

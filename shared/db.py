@@ -5,10 +5,11 @@ PostgreSQL when DATABASE_URL is given; a SQLite file otherwise (the embedded def
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, LargeBinary, Table, event
+from sqlalchemy import Column, LargeBinary, Table, Text, event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -16,6 +17,20 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def fit(text: str, limit: int) -> str:
+    """A sender-controlled string made safe for a bounded text column (or a log): returned as is
+    when it fits and is plain text; else cleaned (U+0000 and lone surrogates replaced, which
+    PostgreSQL and UTF-8 refuse) and cut to `limit` characters ending in `#` and 16 hex digits of
+    the original's SHA-256, so distinct inputs stay distinct (idempotency keys stay keys)."""
+    clean = text.replace("\x00", "\ufffd")
+    if not clean.isascii():
+        clean = clean.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if clean == text and len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{clean[: max(0, limit - 17)]}#{digest}"
 
 
 class ProcessedMessage(SQLModel, table=True):
@@ -27,6 +42,19 @@ class ProcessedMessage(SQLModel, table=True):
     event_id: str = Field(primary_key=True, max_length=300)
     decision_id: str | None = Field(default=None, max_length=64)
     processed_at: datetime = Field(default_factory=utcnow)
+
+
+class DeliveryFailure(SQLModel, table=True):
+    """Failed tries of a record's handler, by Kafka position, committed apart from the (rolled
+    back) batch: counted across redeliveries and restarts, so a poison record is given up after a
+    bounded number of tries (shared.consumer.MAX_TRIES) instead of looping."""
+
+    __tablename__ = "delivery_failures"
+
+    position: str = Field(primary_key=True, max_length=300, description="topic/partition@offset")
+    attempts: int = 0
+    error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 class OutboxMessage(SQLModel, table=True):
@@ -42,7 +70,7 @@ class OutboxMessage(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-MECHANISM_TABLES: list[Table] = [ProcessedMessage.__table__, OutboxMessage.__table__]  # type: ignore[list-item]
+MECHANISM_TABLES: list[Table] = [ProcessedMessage.__table__, OutboxMessage.__table__, DeliveryFailure.__table__]  # type: ignore[list-item]
 
 
 def make_engine(url: str) -> AsyncEngine:

@@ -108,12 +108,23 @@ class Outcome(BaseModel):
 
 
 class DeadLetter(BaseModel):
+    """A record that is not a decidable event, with its bytes; always under 1 MiB (the heads of
+    long bytes are kept, with the value's SHA-256 and length)."""
+
     reason: str
     topic: str
     partition: int
     offset: int
-    key_b64: str | None = None
-    value_b64: str | None = None
-    headers: list[tuple[str, str]] = Field(default_factory=list, description="name, base64 value")
+    key_b64: str | None = Field(None, description="the key's bytes (its first 1 KiB when longer)")
+    value_b64: str | None = Field(None, description="the value's bytes (its first 128 KiB when longer)")
+    value_length: int | None = Field(None, description="the value's length in bytes")
+    value_sha256: str | None = Field(None, description="SHA-256 of the whole value, hex")
+    headers: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="name, base64 value (the first 32 headers, values' first 1 KiB; a name that is "
+        "not UTF-8 shows its bytes as \\xNN)",
+    )
+    header_count: int = Field(0, description="how many headers the record had")
+    truncated: bool = Field(False, description="true when any bytes were left out")
     service: str
     failed_at: datetime

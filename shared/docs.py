@@ -53,7 +53,8 @@ KAFKA_BINDING = "0.4.0"  # the AsyncAPI Kafka bindings version FastStream writes
 # One line per reason code. A new ReasonCode without a line here fails `gputrace docs` (and the
 # test), so the partner contract always explains every code a partner can receive.
 REASON_MEANINGS: dict[ReasonCode, str] = {
-    ReasonCode.SCHEMA_INVALID: "`data` does not match the schema of its event type (the message lists the fields).",
+    ReasonCode.SCHEMA_INVALID: "`data` does not match the schema of its event type (the message lists the fields), "
+    "or the event breaks a limit of §2 (checked first, before the signature).",
     ReasonCode.UNKNOWN_TYPE: "`ce_type` is not an event type of the contract.",
     ReasonCode.WRONG_TOPIC: "The event type belongs on another topic (or no service here handles it).",
     ReasonCode.SIGNATURE_INVALID: "`ce_signature` is missing or does not verify with the party's registered key.",
@@ -90,6 +91,8 @@ REASON_MEANINGS: dict[ReasonCode, str] = {
     ReasonCode.SERIAL_DAMAGED: "A serial number was received damaged and cannot be installed.",
     ReasonCode.SERIAL_NOT_INSTALLED: "A serial number is not installed, so it cannot be accepted or failed.",
     ReasonCode.OUT_OF_ORDER: "The step already happened, or comes before the step it depends on.",
+    ReasonCode.INTERNAL_ERROR: "A fault on our side: the service failed to decide the event, tried again and "
+    "gave up; the record is in the dead-letter topic for the operators. Send it again with a new `ce_id`.",
 }
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.pledges.main import HANDLERS, PledgeRow, prefetch
-from shared.consumer import BatchProcessor, Inbound
+from shared.consumer import MAX_TRIES, BatchProcessor, Inbound, RetryBatch
 from shared.contract import DLQ_TOPIC, OUTCOMES_TOPIC, PLEDGES_TOPIC, event_type
 from shared.db import OutboxMessage, create_tables, make_engine, session_factory
 from shared.decisions import Accepted, Verdict
@@ -157,8 +157,9 @@ async def test_one_batch_decides_as_one_record_at_a_time(
 
 
 async def test_a_row_the_database_refuses_fails_only_its_record(keys: Path, sessions: Any) -> None:
-    """Writes are deferred to the end of the batch; a refused one still dead-letters only the
-    record that made it (safe mode), and the others are decided and written."""
+    """Writes are deferred to the end of the batch; a refused one still fails only the record
+    that made it (safe mode): retried, then dead-lettered and answered INTERNAL_ERROR, and the
+    others are decided and written."""
 
     async def broken(session: AsyncSession, inbound: Inbound) -> Verdict:
         # A NOT NULL column left empty: nothing fails until the row is written.
@@ -174,9 +175,13 @@ async def test_a_row_the_database_refuses_fails_only_its_record(keys: Path, sess
             ("kdb", "pledge.disbursed.v1", disburse(bad)),
         ],
     )
+    for _ in range(MAX_TRIES - 1):  # each delivery but the last is rolled back and nacked
+        with pytest.raises(RetryBatch):
+            await processor(sessions, keys, handlers).process(batch)
+        assert await outcomes(sessions) == []
     await processor(sessions, keys, handlers).process(batch)
     async with sessions() as session:
         topics = [r.topic for r in (await session.execute(select(OutboxMessage))).scalars()]
     assert topics.count(DLQ_TOPIC) == 1
-    assert [o[0] for o in await outcomes(sessions)] == ["accepted"]
+    assert [o[:2] for o in await outcomes(sessions)] == [("accepted", None), ("rejected", "INTERNAL_ERROR")]
     assert set(await states(sessions)) == {good}

@@ -121,7 +121,7 @@ def test_batch_of_unknown_model_is_refused() -> None:
 
 @pytest.mark.parametrize("quantity", [0, -5])
 def test_batch_quantity_must_be_positive(quantity: int) -> None:
-    refused(ReasonCode.SCHEMA_INVALID, domain.request_batch, None, batch_event(quantity=quantity))
+    refused(ReasonCode.AMOUNT_NOT_POSITIVE, domain.request_batch, None, batch_event(quantity=quantity))
 
 
 # --- quote.submitted ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from services.ledger.log import LogWriter
 from services.ledger.projections import project
 from shared.cloudevents import CloudEvent
 from shared.consumer import Emitter
+from shared.db import fit
 from shared.decisions import Decision
 from shared.observability import LEDGER_SIZE
 
@@ -29,14 +30,15 @@ class Appender:
             writer = session.info[_WRITER] = await LogWriter.open(session)
         # Projections first: if they fail, nothing was appended and the frontier has not moved.
         await project(session, decision, writer.size)
+        # The index columns are bounded (log_entries); the entry itself keeps every character.
         appended = writer.append(
             decision.model_dump(mode="json"),
-            service=decision.service,
-            event_type=decision.event_type,
-            status=decision.status,
-            batch_id=decision.batch_id,
-            aggregate_id=decision.aggregate_id,
-            party_id=decision.party_id,
+            service=fit(decision.service, 40),
+            event_type=fit(decision.event_type, 100),
+            status=fit(decision.status, 20),
+            batch_id=_fit(decision.batch_id),
+            aggregate_id=_fit(decision.aggregate_id),
+            party_id=_fit(decision.party_id),
         )
         log.info(
             "appended %s",
@@ -56,3 +58,7 @@ class Appender:
         if writer is not None:
             await writer.finish(self.origin, self.origin, self._key)
             LEDGER_SIZE.set(writer.size)
+
+
+def _fit(value: str | None) -> str | None:
+    return fit(value, 200) if value is not None else None

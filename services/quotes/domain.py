@@ -249,7 +249,7 @@ def request_batch(existing: Batch | None, e: BatchRequested) -> Batch:
     if e.model not in GPU_MODELS:
         raise RuleBroken(ReasonCode.UNKNOWN_MODEL, f"GPU model {e.model!r} is not in the catalogue")
     if e.quantity <= 0:
-        raise RuleBroken(ReasonCode.SCHEMA_INVALID, f"quantity {e.quantity} must be positive")
+        raise RuleBroken(ReasonCode.AMOUNT_NOT_POSITIVE, f"quantity {e.quantity} must be positive")
     return Batch(
         batch_id=e.batch_id,
         program_id=e.program_id,
