@@ -23,9 +23,18 @@ from prometheus_client import make_asgi_app
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.consumer import BatchHook, BatchProcessor, InternalHandler, PartnerHandler, Prefetch, retry_pause
+from shared.consumer import (
+    BatchHook,
+    BatchProcessor,
+    InternalHandler,
+    PartnerHandler,
+    Prefetch,
+    RetryBatch,
+    retry_pause,
+)
 from shared.contract import DECISION_TOPICS
 from shared.db import create_tables, make_engine, session_factory
+from shared.kafka_records import install as tolerate_bad_header_names
 from shared.observability import HANDLER_SECONDS, configure_logging
 from shared.outbox import OutboxRelay
 from shared.parties import PartyRegistry
@@ -35,20 +44,19 @@ from shared.topics import ensure_topics
 log = logging.getLogger(__name__)
 
 
+# aiokafka itself would stop at a header name that is not UTF-8 (see shared.kafka_records).
+tolerate_bad_header_names()
+
+
 def _safe_headers(record: ConsumerRecord) -> ConsumerRecord:
-    headers = []
-    for k, v in record.headers:
-        try:
-            (v or b"").decode()
-            headers.append((k, v or b""))
-        except UnicodeDecodeError:
-            headers.append((k, b""))
-    return dataclasses.replace(record, headers=headers)
+    # Headers dropped: FastStream would decode every value as UTF-8 (and raise on bad bytes or a
+    # null value), and needs none of them; our reader sees the originals.
+    return dataclasses.replace(record, headers=())
 
 
 async def _parser(records: Any, original: Any) -> Any:
-    """FastStream's parser decodes headers as UTF-8 and raises on bad bytes, which would stall the
-    partition; parse sanitised copies, but hand the handler the original records."""
+    """FastStream's parser must not raise on any record, or the partition stalls: it parses
+    header-less copies, and the handler gets the original records."""
     batch = records if isinstance(records, tuple) else (records,)
     message = await original(tuple(_safe_headers(r) for r in batch))
     message.raw_message = batch
@@ -120,6 +128,11 @@ class Service:
             try:
                 with HANDLER_SECONDS.labels(self.name).time():
                     await processor.process(message.raw_message)
+            except RetryBatch as exc:
+                # A record's handler failed; it has tries left (then it is dead-lettered).
+                log.warning("batch will be redelivered: %s", exc)
+                await retry_pause(started)
+                raise
             except Exception:
                 log.exception("batch failed; it will be redelivered")
                 await retry_pause(started)
