@@ -1,21 +1,111 @@
-"""The auditors' HTTP API (FastAPI). Every route reads; nothing here writes to the log."""
+"""The auditors' HTTP API (FastAPI). Every route reads; nothing here writes to the log.
+
+Every parameter is typed and bounded in the signature, so the OpenAPI document states what is
+accepted and anything else is refused before a query is built: integers fit PostgreSQL's BIGINT,
+ids are 1-200 characters without control characters (NUL cannot even be sent to PostgreSQL).
+A malformed parameter is 400 with one readable line, the shape of every other refusal here.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.ledger.auth import CurrentPrincipal, Principal, require
-from services.ledger.batches import STAGES, AnomalyView, BatchView, batch_parties, list_batches, summarize
+from services.ledger.batches import STAGES, AnomalyView, BatchView, Stage, batch_parties, list_batches, summarize
 from services.ledger.exports import epcis_document, ocds_package
 from services.ledger.log import LogEntry
 from services.ledger.projections import PledgeView, batch_money, program_summary
 
-router = APIRouter(prefix="/v1")
+# --------------------------------------------------------------------------- parameters and refusals
+
+BIGINT_MAX = 2**63 - 1  # PostgreSQL BIGINT: a larger number cannot even be bound to a query
+MAX_ID = 200  # the views' id columns are VARCHAR(200)
+# Ids are free text in the contract; refuse only what no id can hold.
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+
+def id_param(where: Callable[..., Any], description: str, max_length: int = MAX_ID) -> Any:
+    """Path(...) or Query(...) for an id or a free-text filter."""
+    return where(min_length=1, max_length=max_length, pattern=TEXT_PATTERN, description=description)
+
+
+class Problem(BaseModel):
+    """Every refusal of this API: 400, 401, 403, 404, 416."""
+
+    detail: str
+
+
+def refusals(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the refusals a route can answer, each with the Problem shape."""
+    described: dict[int | str, dict[str, Any]] = {
+        code: {"model": Problem, "description": text} for code, text in codes.items()
+    }
+    # "4XX" also keeps FastAPI from documenting a 422 that RefuseMalformed never answers.
+    described["4XX"] = {"model": Problem, "description": "Any other refusal (e.g. 405), in the same shape"}
+    return described
+
+
+MALFORMED = "A malformed parameter (type, bound, pattern or combination); `detail` names it"
+NO_TOKEN = "No bearer token, or an unknown one"
+FORBIDDEN = "The token's role or party may not read this"
+
+
+def explain(errors: Sequence[Any]) -> str:
+    """One line from pydantic's errors, naming each parameter; the input is not echoed back."""
+    parts = []
+    for error in errors:
+        loc = [str(x) for x in error.get("loc", ())]
+        where = f"{loc[0]} parameter {'.'.join(loc[1:])}" if len(loc) > 1 else ".".join(loc) or "request"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+class RefuseMalformed(APIRoute):
+    """Answers 400 (Problem) to a parameter that fails validation, instead of FastAPI's 422 list,
+    and to an unknown query parameter: `ofset=100` silently ignored would hand an auditor the
+    wrong page without a word."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        known = _query_names(self.dependant)
+
+        async def route(request: Request) -> Response:
+            unknown = sorted(set(request.query_params) - known)
+            if unknown:
+                takes = ", ".join(sorted(known)) or "none"
+                detail = f"unknown query parameter(s): {', '.join(map(repr, unknown))[:200]}; this route takes: {takes}"
+                return JSONResponse({"detail": detail}, status_code=400)
+            try:
+                return await handler(request)
+            except RequestValidationError as e:
+                return JSONResponse({"detail": explain(e.errors())}, status_code=400)
+
+        return route
+
+
+router = APIRouter(
+    prefix="/v1",
+    route_class=RefuseMalformed,
+    responses=refusals({400: MALFORMED, 401: NO_TOKEN, 403: FORBIDDEN}),
+)
 
 
 async def get_session(request: Request):  # type: ignore[no-untyped-def]
@@ -26,11 +116,17 @@ async def get_session(request: Request):  # type: ignore[no-untyped-def]
 Session = Annotated[AsyncSession, Depends(get_session)]
 # Bids carry competitors' prices: the full procurement record is for auditors and ops.
 AuditorOrOps = Annotated[Principal, require("auditor", "ops")]
+BatchId = Annotated[str, id_param(Path, "The batch id")]
+ProgramFilter = Annotated[str | None, id_param(Query, "Only this programme")]
+Offset = Annotated[int, Query(ge=0, le=BIGINT_MAX)]
+NOT_FOUND = {404: {"model": Problem, "description": "No such object"}}
+
+# --------------------------------------------------------------------------- routes
 
 
 @router.get("/program", summary="Programme totals: pledged capital, in-kind GPUs, capacity, disbursed; by partner")
 async def get_program(
-    request: Request, session: Session, principal: CurrentPrincipal, program_id: str | None = None
+    request: Request, session: Session, principal: CurrentPrincipal, program_id: ProgramFilter = None
 ) -> dict[str, Any]:
     summary = await program_summary(session, request.app.state.settings.program_target_gpus, program_id)
     if principal.role == "partner":
@@ -38,8 +134,10 @@ async def get_program(
     return summary
 
 
-@router.get("/pledges/{pledge_id}", summary="One pledge as the ledger knows it")
-async def get_pledge(pledge_id: str, session: Session, principal: CurrentPrincipal) -> dict[str, Any]:
+@router.get("/pledges/{pledge_id}", summary="One pledge as the ledger knows it", responses=NOT_FOUND)
+async def get_pledge(
+    pledge_id: Annotated[str, id_param(Path, "The pledge id")], session: Session, principal: CurrentPrincipal
+) -> dict[str, Any]:
     view = await session.get(PledgeView, pledge_id)
     if view is None:
         raise HTTPException(404, f"no pledge {pledge_id!r}")
@@ -61,16 +159,14 @@ async def _readable_batch(session: AsyncSession, batch_id: str, principal: Princ
 async def get_batches(
     session: Session,
     principal: CurrentPrincipal,
-    status: Annotated[str | None, Query(description=f"One of: {', '.join(STAGES)}")] = None,
-    partner: Annotated[str | None, Query(description="Batches that concern this party")] = None,
-    vendor: str | None = None,
-    model: str | None = None,
-    program_id: str | None = None,
+    status: Annotated[Stage | None, Query(description=f"One of: {', '.join(STAGES)}")] = None,
+    partner: Annotated[str | None, id_param(Query, "Batches that concern this party")] = None,
+    vendor: Annotated[str | None, id_param(Query, "Batches awarded to this vendor")] = None,
+    model: Annotated[str | None, id_param(Query, "Batches of this GPU model")] = None,
+    program_id: ProgramFilter = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> dict[str, Any]:
-    if status is not None and status not in STAGES:
-        raise HTTPException(400, f"unknown status {status!r}; one of {', '.join(STAGES)}")
     if principal.role == "partner":
         if partner not in (None, principal.party_id):
             raise HTTPException(403, "a partner reads only its own batches")
@@ -104,8 +200,12 @@ def _step(entry: LogEntry) -> dict[str, Any]:
     }
 
 
-@router.get("/batches/{batch_id}", summary="One batch: status, quantities, money, export decision, timeline")
-async def get_batch(batch_id: str, session: Session, principal: CurrentPrincipal) -> dict[str, Any]:
+@router.get(
+    "/batches/{batch_id}",
+    summary="One batch: status, quantities, money, export decision, timeline",
+    responses=NOT_FOUND,
+)
+async def get_batch(batch_id: BatchId, session: Session, principal: CurrentPrincipal) -> dict[str, Any]:
     view = await _readable_batch(session, batch_id, principal)
     state = json.loads(view.state)
     entries = (
@@ -131,14 +231,18 @@ async def _batch_entries(session: AsyncSession, batch_id: str) -> list[dict[str,
     return [{**json.loads(r.entry), "leaf_index": r.leaf_index} for r in rows]
 
 
-@router.get("/batches/{batch_id}/ocds", summary="The batch's procurement as an OCDS 1.1 release package")
-async def get_batch_ocds(batch_id: str, session: Session, principal: AuditorOrOps) -> dict[str, Any]:
+@router.get(
+    "/batches/{batch_id}/ocds", summary="The batch's procurement as an OCDS 1.1 release package", responses=NOT_FOUND
+)
+async def get_batch_ocds(batch_id: BatchId, session: Session, principal: AuditorOrOps) -> dict[str, Any]:
     await _readable_batch(session, batch_id, principal)
     return ocds_package(batch_id, await _batch_entries(session, batch_id), publisher="gputrace ledger")
 
 
-@router.get("/batches/{batch_id}/epcis", summary="The batch's delivery events as an EPCIS 2.0 document")
-async def get_batch_epcis(batch_id: str, session: Session, principal: CurrentPrincipal) -> dict[str, Any]:
+@router.get(
+    "/batches/{batch_id}/epcis", summary="The batch's delivery events as an EPCIS 2.0 document", responses=NOT_FOUND
+)
+async def get_batch_epcis(batch_id: BatchId, session: Session, principal: CurrentPrincipal) -> dict[str, Any]:
     await _readable_batch(session, batch_id, principal)
     return epcis_document(batch_id, await _batch_entries(session, batch_id))
 
@@ -147,10 +251,10 @@ async def get_batch_epcis(batch_id: str, session: Session, principal: CurrentPri
 async def get_anomalies(
     session: Session,
     principal: CurrentPrincipal,
-    batch_id: str | None = None,
-    code: str | None = None,
+    batch_id: Annotated[str | None, id_param(Query, "Anomalies of this batch")] = None,
+    code: Annotated[str | None, id_param(Query, "Anomalies with this code", max_length=60)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> dict[str, Any]:
     query = select(AnomalyView).order_by(col(AnomalyView.leaf_index))
     if batch_id:

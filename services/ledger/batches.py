@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import Column, Text, func, select
 from sqlmodel import Field, SQLModel, col
@@ -18,8 +18,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from shared import aggregates
 from shared.decisions import Decision
 
-# The pipeline, in order; a batch's status is the furthest stage its facts show.
-STAGES = (
+# The pipeline, in order; a batch's status is the furthest stage its facts show. A Literal, so the
+# API's `status` filter is an enum in the OpenAPI document and anything else is refused there.
+Stage = Literal[
     "requested",
     "quoted",
     "awarded",
@@ -32,7 +33,8 @@ STAGES = (
     "received",
     "installed",
     "accepted",
-)
+]
+STAGES: tuple[Stage, ...] = get_args(Stage)
 
 
 class BatchView(SQLModel, table=True):

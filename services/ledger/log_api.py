@@ -14,16 +14,18 @@ the public key is public, since auditors are meant to obtain it out of band anyw
 from __future__ import annotations
 
 import base64
-import binascii
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import make_vkey
+from pydantic import BaseModel, Field
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.ledger.api import BIGINT_MAX, FORBIDDEN, MALFORMED, NO_TOKEN, RefuseMalformed, refusals
 from services.ledger.auth import require
 from services.ledger.log import LogEntry, LogHead, SignedCheckpoint, b64, fetch_nodes
 from shared.parties import load_private_key
@@ -31,8 +33,11 @@ from shared.parties import load_private_key
 MAX_ENTRIES = 1000  # per /entries call; clients page (the auditor CLI does)
 NOTE_MEDIA_TYPE = "text/plain; charset=utf-8"
 
-log_router = APIRouter(prefix="/v1/log", tags=["log"])
+log_router = APIRouter(prefix="/v1/log", tags=["log"], route_class=RefuseMalformed)
 _READERS = require("auditor", "ops")
+# Not router-wide: the public key is public and takes no parameters.
+_REFUSALS = {400: MALFORMED, 401: NO_TOKEN, 403: FORBIDDEN}
+_BEYOND = "Beyond the current log size: the log has not grown that far (yet)"
 
 
 async def _session(request: Request):  # type: ignore[no-untyped-def]
@@ -42,6 +47,27 @@ async def _session(request: Request):  # type: ignore[no-untyped-def]
 
 Session = Annotated[AsyncSession, Depends(_session)]
 Format = Annotated[Literal["note", "json"], Query(description="`note` (text/plain signed note) or `json`")]
+
+
+class CheckpointJSON(BaseModel):
+    """`format=json`: the signed note with its parts, for clients that would rather not parse it."""
+
+    size: int
+    root_hash: str = Field(description="standard base64")
+    note: str = Field(description="the signed note, as served with format=note")
+    signed_at: datetime
+
+
+_CHECKPOINT_CONTENT: dict[str, Any] = {
+    "description": "The signed note (`format=note`, the default) or its parts (`format=json`)",
+    "model": CheckpointJSON,
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}
+# Sizes and indexes: BIGINT at most, so a query can always be built; the routes check them
+# against the log's current size (416 beyond it).
+Size = Annotated[int, Query(ge=0, le=BIGINT_MAX)]
+# Standard base64 of 32 bytes is always 43 characters and one "=".
+LEAF_HASH_PATTERN = r"^[A-Za-z0-9+/]{43}=$"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -80,7 +106,7 @@ def _checkpoint_response(cp: SignedCheckpoint, fmt: str) -> Response:
 def _decode_hash(value: str) -> bytes:
     try:
         raw = base64.b64decode(value, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, and the ValueError non-ASCII text raises
         raise _bad("leaf_hash is not standard base64 (remember to URL-encode '+' and '/')") from None
     if len(raw) != merkle.HASH_SIZE:
         raise _bad(f"leaf_hash must decode to {merkle.HASH_SIZE} bytes, got {len(raw)}")
@@ -108,8 +134,10 @@ async def _leaf_index_of(session: AsyncSession, leaf_hash: bytes, tree_size: int
     "/checkpoint",
     summary="The latest signed checkpoint (C2SP tlog-checkpoint signed note)",
     dependencies=[_READERS],
-    response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {}, "application/json": {}}}},
+    responses={
+        200: _CHECKPOINT_CONTENT,
+        **refusals({**_REFUSALS, 404: "The log is empty: no checkpoint signed yet"}),
+    },
 )
 async def get_checkpoint(session: Session, format: Format = "note") -> Response:
     cp = (await session.exec(select(SignedCheckpoint).order_by(col(SignedCheckpoint.size).desc()).limit(1))).first()
@@ -122,10 +150,17 @@ async def get_checkpoint(session: Session, format: Format = "note") -> Response:
     "/checkpoints/{size}",
     summary="The checkpoint signed at a past size, if one was signed at exactly that size",
     dependencies=[_READERS],
-    response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {}, "application/json": {}}}},
+    responses={
+        200: _CHECKPOINT_CONTENT,
+        **refusals({**_REFUSALS, 404: "No checkpoint was signed at exactly this size", 416: _BEYOND}),
+    },
 )
-async def get_past_checkpoint(size: int, session: Session, format: Format = "note") -> Response:
+async def get_past_checkpoint(
+    size: Annotated[int, Path(ge=0, le=BIGINT_MAX)], session: Session, format: Format = "note"
+) -> Response:
+    if size > await _current_size(session):
+        # Checked first, so no query is built with a number the size column cannot hold.
+        raise _beyond("size", size, await _current_size(session))
     cp = await session.get(SignedCheckpoint, size)
     if cp is None:
         raise HTTPException(404, f"no checkpoint was signed at size {size}")
@@ -154,11 +189,14 @@ async def get_public_key(request: Request) -> dict[str, str]:
     "/entries",
     summary=f"Entries [start, end) as the canonical JSON that was hashed (at most {MAX_ENTRIES} per call)",
     dependencies=[_READERS],
+    responses=refusals({**_REFUSALS, 416: _BEYOND}),
 )
 async def get_entries(
     session: Session,
-    start: int,
-    end: Annotated[int | None, Query(description=f"exclusive; default min(start + {MAX_ENTRIES}, size)")] = None,
+    start: Size,
+    end: Annotated[
+        int | None, Query(ge=1, le=BIGINT_MAX, description=f"exclusive; default min(start + {MAX_ENTRIES}, size)")
+    ] = None,
 ) -> list[dict[str, Any]]:
     size = await _current_size(session)
     if start < 0:
@@ -190,12 +228,21 @@ async def get_entries(
     "/proof/inclusion",
     summary="RFC 9162 inclusion proof of a leaf (by index or by leaf hash) in a tree of any past size",
     dependencies=[_READERS],
+    responses=refusals({**_REFUSALS, 404: "No leaf with this hash in the tree of that size", 416: _BEYOND}),
 )
 async def get_inclusion_proof(
     session: Session,
-    tree_size: Annotated[int | None, Query(description="default: the current size")] = None,
-    leaf_index: int | None = None,
-    leaf_hash: Annotated[str | None, Query(description="standard base64 of the 32-byte leaf hash")] = None,
+    tree_size: Annotated[int | None, Query(ge=1, le=BIGINT_MAX, description="default: the current size")] = None,
+    leaf_index: Annotated[int | None, Query(ge=0, le=BIGINT_MAX)] = None,
+    leaf_hash: Annotated[
+        str | None,
+        Query(
+            min_length=44,
+            max_length=44,
+            pattern=LEAF_HASH_PATTERN,
+            description="standard base64 of the 32-byte leaf hash ('+' and '/' URL-encoded)",
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     size = await _current_size(session)
     tree_size = size if tree_size is None else tree_size
@@ -216,11 +263,12 @@ async def get_inclusion_proof(
     "/proof/consistency",
     summary="RFC 9162 consistency proof between two tree sizes (empty when first is 0 or equals second)",
     dependencies=[_READERS],
+    responses=refusals({**_REFUSALS, 416: _BEYOND}),
 )
 async def get_consistency_proof(
     session: Session,
-    first: int,
-    second: Annotated[int | None, Query(description="default: the current size")] = None,
+    first: Size,
+    second: Annotated[int | None, Query(ge=0, le=BIGINT_MAX, description="default: the current size")] = None,
 ) -> dict[str, Any]:
     size = await _current_size(session)
     second = size if second is None else second
