@@ -111,10 +111,15 @@ class Stack:
     def health_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}/healthz"
 
+    def ready_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}/readyz"
+
     def wait_ready(self, timeout: float = 60, names: tuple[str, ...] | None = None) -> None:
-        """Every service answers /healthz once its tables exist and its subscriber has started."""
+        """Every service answers /readyz with 200: its tables exist, its subscriber and relay run,
+        and the broker answers (shared.health)."""
         deadline = time.monotonic() + timeout
         waiting = set(names or self.processes)
+        last: dict[str, str] = {}
         while time.monotonic() < deadline:
             dead = [n for n in waiting if not self.processes[n].running]
             if dead:
@@ -122,11 +127,16 @@ class Stack:
                 raise RuntimeError(f"service(s) exited: {dead}\n{tails}")
             for name in list(waiting):
                 try:
-                    if httpx.get(self.health_url(name), timeout=1).status_code == 200:
-                        waiting.discard(name)
-                except httpx.HTTPError:
-                    pass
+                    # Longer than READINESS_PROBE_SECONDS, so a slow broker answer is not a miss.
+                    answer = httpx.get(self.ready_url(name), timeout=5)
+                except httpx.HTTPError as exc:
+                    last[name] = f"{type(exc).__name__}"
+                    continue
+                if answer.status_code == 200:
+                    waiting.discard(name)
+                last[name] = answer.text[:500]
             if not waiting:
                 return
             time.sleep(0.3)
-        raise TimeoutError(f"services not ready in time: {sorted(waiting)}")
+        why = {n: last.get(n, "no answer") for n in sorted(waiting)}
+        raise TimeoutError(f"services not ready in time: {why}")

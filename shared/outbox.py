@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -101,6 +102,8 @@ class OutboxRelay:
         self._producer: AIOKafkaProducer | None = None
         # Stable per service so every replica contends for the same lock.
         self._lock_id = int.from_bytes(service.encode()[:8].ljust(8, b"\0"), "big") & 0x7FFF_FFFF_FFFF_FFFF
+        # Told after every round, with its exception if it failed (shared.health: readiness).
+        self.on_round: Callable[[BaseException | None], None] = lambda error: None
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(
@@ -132,11 +135,13 @@ class OutboxRelay:
                 published = await self.publish_pending()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # Kafka or the database is away: keep the rows, try again after a pause.
                 log.exception("outbox relay failed; retrying")
+                self.on_round(exc)
                 await asyncio.sleep(1.0)
                 continue
+            self.on_round(None)
             if published >= RELAY_BATCH:
                 continue
             try:

@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 from aiokafka import ConsumerRecord
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -34,6 +35,7 @@ from shared.consumer import (
 )
 from shared.contract import DECISION_TOPICS
 from shared.db import create_tables, make_engine, session_factory
+from shared.health import Readiness
 from shared.kafka_records import install as tolerate_bad_header_names
 from shared.observability import HANDLER_SECONDS, configure_logging
 from shared.outbox import OutboxRelay
@@ -98,13 +100,23 @@ class Service:
             after_batch=after_batch,
             prefetch=prefetch,
         )
-        # FastStream logs through our logger, so its lines are JSON like ours.
+        self.readiness = Readiness(
+            stall_seconds=self.settings.readiness_stall_seconds,
+            relay_seconds=self.settings.readiness_relay_seconds,
+            probe_timeout=self.settings.readiness_probe_seconds,
+        )
+        # FastStream logs through our logger, so its lines are JSON like ours. The readiness
+        # middleware sees every polled batch start, finish or fail.
         self.broker = KafkaBroker(
-            self.settings.kafka_bootstrap_servers, client_id=f"gputrace-{name}", logger=logging.getLogger("faststream")
+            self.settings.kafka_bootstrap_servers,
+            client_id=f"gputrace-{name}",
+            logger=logging.getLogger("faststream"),
+            middlewares=(self.readiness.middleware(),),
         )
         self.relay = OutboxRelay(
             name, self.engine, self.sessions, self.settings.kafka_bootstrap_servers, self.settings.outbox_poll_seconds
         )
+        self.relay.on_round = self.readiness.note_relay_round
         self._subscribe()
 
     def _subscribe(self) -> None:
@@ -157,7 +169,8 @@ class Service:
         consume: bool = True,
     ) -> FastAPI:
         """The service's process: an ASGI app whose lifespan runs the Kafka subscriber and the outbox
-        relay, serving /healthz and /metrics (Prometheus). The ledger adds its API routes to it."""
+        relay, serving /healthz (liveness), /readyz (readiness, shared.health) and /metrics
+        (Prometheus). The ledger adds its API routes to it."""
         service = self
 
         @asynccontextmanager
@@ -182,6 +195,11 @@ class Service:
         @app.get("/healthz", include_in_schema=False)
         async def healthz() -> dict[str, str]:
             return {"status": "ok", "service": service.name}
+
+        @app.get("/readyz", include_in_schema=False)
+        async def readyz() -> JSONResponse:
+            report = await service.readiness.check(service.broker if consume else None)
+            return JSONResponse(report.as_json(service.name), status_code=200 if report.ready else 503)
 
         app.mount("/metrics", make_asgi_app())
         return app

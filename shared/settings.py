@@ -29,6 +29,17 @@ class Settings(BaseSettings):
     batch_max_records: int = Field(500, description="Most records handled in one database transaction.")
     batch_timeout_ms: int = Field(100, description="How long a poll waits to fill a batch.")
     outbox_poll_seconds: float = Field(0.5, description="Outbox relay poll interval (it is also woken on commit).")
+    readiness_stall_seconds: float = Field(
+        60.0,
+        description="/readyz fails when records wait (lag, or a failed or hanging batch) and no batch "
+        "completed for this long.",
+    )
+    readiness_relay_seconds: float = Field(
+        60.0, description="/readyz fails when the outbox relay completed no round (failed or hung) for this long."
+    )
+    readiness_probe_seconds: float = Field(
+        2.0, description="How long /readyz waits for the Kafka broker to answer before calling it unreachable."
+    )
     log_level: str = Field("INFO", description="Python log level.")
     log_json: bool = Field(True, description="Structured JSON logs (false: plain text).")
 
@@ -38,7 +49,7 @@ class Settings(BaseSettings):
         DEFAULT_VAR_DIR / "keys" / "ledger.key", description="Ed25519 PEM key the ledger signs checkpoints with."
     )
     http_host: str = Field("127.0.0.1", description="Bind address of the service's HTTP endpoint.")
-    http_port: int = Field(8000, description="Port of /healthz and /metrics (and the ledger's API).")
+    http_port: int = Field(8000, description="Port of /healthz, /readyz and /metrics (and the ledger's API).")
     api_tokens: Path = Field(
         DEFAULT_VAR_DIR / "keys" / "tokens.json", description="Bearer tokens of the ledger API and their roles."
     )
