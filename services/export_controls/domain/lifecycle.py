@@ -192,5 +192,5 @@ def grant_licence(case: Case | None, e: LicenseGranted) -> Case:
 
 
 def deny_licence(case: Case | None, e: LicenseDenied) -> Case:
-    pending = _awaiting_licence(case, e.batch_id)
-    return pending.model_copy(update={"status": "license_denied", "cleared_quantity": 0})
+    # Nothing was cleared while the licence was pending, so nothing is taken back.
+    return _awaiting_licence(case, e.batch_id).model_copy(update={"status": "license_denied"})
