@@ -199,6 +199,29 @@ def test_verify_with_the_key_from_the_environment_in_a_real_process(stable: Ledg
     assert trusted_size(tmp_path / "xdg" / "gputrace" / "audit.json") == 300
 
 
+# Building a venv and installing the verifier from PyPI takes a minute and needs the network, too
+# slow for every run: opt in with a venv made by `python3 -m venv V && V/bin/pip install ./verifier`.
+STANDALONE_VENV = os.environ.get("GPUTRACE_VERIFIER_VENV")
+
+
+@pytest.mark.skipif(not STANDALONE_VENV, reason="set GPUTRACE_VERIFIER_VENV to a venv holding only ./verifier")
+def test_the_standalone_verifier_checks_the_running_ledger(stable: Ledger, tmp_path: Path) -> None:
+    venv = Path(str(STANDALONE_VENV))
+    python = venv / "bin" / "python"
+    # That venv really lacks the services' stack: the verifier runs without it.
+    probe = (
+        "import importlib.util as u; print([m for m in ('typer', 'rich', 'faststream', 'sqlmodel') if u.find_spec(m)])"
+    )
+    assert subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    auditor = stable.keys.tokens["auditor"]
+    command = [str(venv / "bin" / "gputrace-audit"), "--url", stable.server.url, "--token", auditor,
+               "--key", stable.keys.vkey, "--state", str(tmp_path / "audit.json"), "verify"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env={"PATH": os.defpath})
+    print(" ".join(command), done.stdout, done.stderr, sep="\n")  # the record, with pytest -s
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"OK {ORIGIN}: size 300" in done.stdout and "300 entries re-hashed" in done.stdout
+
+
 def test_help_on_every_command() -> None:
     runner = CliRunner()
     for argv in (["audit", "--help"], ["audit", "verify", "--help"], ["audit", "batch", "--help"]):
