@@ -180,12 +180,20 @@ def _quote(batch: str, quote: str) -> dict[str, Any]:
     }
 
 
+REPLAY_DISTANCE = 60  # groups, i.e. about 700 records
+
+
 def workload(client: PartnerClient, tag: str, events: int) -> list[list[Sent]]:
     """Groups of events (one pledge + one batch each) adding up to about `events` records."""
     groups: list[list[Sent]] = []
     total = 0
     while total < events:
-        groups.append(group_events(client, tag, len(groups)))
+        g = len(groups)
+        groups.append(group_events(client, tag, g))
+        if g >= REPLAY_DISTANCE and g % 4 == 0:
+            # An exact replay of an older group's first record, long after it was decided (so
+            # likely in another polled batch): the idempotent consumer must drop it.
+            groups[-1].append(groups[g - REPLAY_DISTANCE][0])
         total += len(groups[-1])
     return groups
 
@@ -279,6 +287,19 @@ class Publisher:
                 await self.send(sent)
             await self._producer.flush()
             await asyncio.sleep(0.5)
+
+
+async def replay_decided(
+    pub: Publisher, lag: Lag, records: list[Sent], every: int = 5, quiet: float = 3.0, timeout: float = 120
+) -> dict[str, int]:
+    """Send again, byte for byte, every `every`-th record already decided (a partner replaying
+    its log, or a producer retry long after): no new outcome, no new decision may follow. Waits
+    until every consumer group has read them, then `quiet` seconds for anything they publish.
+    Returns the groups' lag: a group stuck on a replay is not at 0."""
+    await pub.send_all(records[::every])
+    lags = await lag.wait_zero(timeout)
+    await asyncio.sleep(quiet)
+    return lags
 
 
 # --- reading what came out, raw ---------------------------------------------------------------
@@ -718,6 +739,7 @@ async def chaos_run(
         sent_ids = {s.event_id for s in records}
         await tally.settle(sent_ids, settle_timeout)
         drain_s = time.monotonic() - published_at
+        await replay_decided(pub, lag, records, every=50)
         lags = await lag.wait_zero(grace)
         ledger = await wait_ledger(stack.database_urls["ledger"], tally, grace)
         # Recovery of the last faults is measured in the background: give it the grace period.

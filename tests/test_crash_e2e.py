@@ -20,7 +20,17 @@ from pathlib import Path
 import pytest
 
 from shared.devstack import Stack
-from tests.chaos import Publisher, RawTally, audit_verify, count, safe_mode_replays, wait_ledger, workload
+from tests.chaos import (
+    Lag,
+    Publisher,
+    RawTally,
+    audit_verify,
+    count,
+    replay_decided,
+    safe_mode_replays,
+    wait_ledger,
+    workload,
+)
 from tests.infra import LocalKafka, LocalPostgres
 from tests.partner import PartnerClient
 
@@ -43,19 +53,32 @@ async def run_crash(
     groups = workload(PartnerClient(kafka_bootstrap, keys_dir), tag, EVENTS)
     records = [s for g in groups for s in g]
     replays = safe_mode_replays(stack)
-    async with RawTally(kafka_bootstrap, tag) as tally, Publisher(kafka_bootstrap) as pub:
+    prefix = stack.base_env["CONSUMER_GROUP_PREFIX"]
+    async with (
+        RawTally(kafka_bootstrap, tag) as tally,
+        Publisher(kafka_bootstrap) as pub,
+        Lag(kafka_bootstrap, prefix) as lag,
+    ):
+        third = len(groups) // 3
         for i, group in enumerate(groups):
-            if i == len(groups) // 3:
+            if i == third:
+                # Mid-stream: once the services have decided some of what was sent, so the
+                # crash lands between decided work and work still to do.
+                first = {s.event_id for g in groups[:third] for s in g}
+                await tally.wait(lambda first=first: sum(e in tally.outcomes for e in first) >= len(first) // 2, 60)
                 await crash()
             # A group's records go out together, so a polled batch holds several steps of one
             # pledge: a rejection after its changes sends that batch to safe mode.
             await pub.send_all(group)
         ids = {s.event_id for s in records}
         settled = await tally.settle(ids, timeout=180)
+        # Then a partner replays part of what it sent, long after it was decided.
+        lags = await replay_decided(pub, lag, records, timeout=60)
         ledger = await wait_ledger(database_urls["ledger"], tally, timeout=120)
         # Statuses are checked where the order of sends is known: not for events sent again.
         counts = count(tally, records, ledger, check_status=ids - pub.resent)
     assert settled and counts.lost == 0, f"{counts.lost} of {counts.events} events got no outcome"
+    assert not any(lags.values()), f"consumer groups stuck (records left to read): {lags}"
     assert counts.outcome_copies == 0, (
         f"{counts.outcome_copies} outcome records beyond one per event "
         f"({counts.outcome_copies_differing} of them not identical to the first, decided_at included)"
