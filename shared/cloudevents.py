@@ -306,17 +306,17 @@ def read_record(
     for raw_name, raw in items:
         name = _name(raw_name)
         if printable(name) != name:
-            raise UnreadableRecord(f"header name {printable(name)!r} is not UTF-8")
+            raise UnreadableRecord(f"header name '{printable(name)}' is not UTF-8")
         try:
             text = bytes(raw or b"").decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise UnreadableRecord(f"header {printable(name)!r} is not UTF-8") from exc
+            raise UnreadableRecord(f"header '{printable(name)}' is not UTF-8") from exc
         lname = name.lower()
         if lname.startswith(CE_PREFIX) or lname == "content-type":
             attr = "datacontenttype" if lname == "content-type" else lname[len(CE_PREFIX) :]
             if attr in attrs or (attr == "datacontenttype" and content_type is not None):
                 # Two values for one attribute: which was signed is anyone's guess.
-                raise UnreadableRecord(f"header {printable(name)!r} appears more than once")
+                raise UnreadableRecord(f"header '{printable(name)}' appears more than once")
             names.append(name)
             if attr == "datacontenttype":
                 content_type = text
