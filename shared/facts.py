@@ -11,10 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.contract import EndUser, Money, Party
+from shared.contract import Capacity, EndUser, GpuCount, Money, Party
 
 PLEDGE = "pledge"
 BATCH = "batch"
+QUOTE = "quote"
 AWARD = "award"
 EXPORT = "export"
 DELIVERY = "delivery"
@@ -25,6 +26,28 @@ EXPORT_DECIDED = "gputrace.export.decided.v1"
 
 class Facts(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class PledgeFacts(Facts):
+    """A pledge as the pledges service holds it after the decision (every version, whole).
+
+    Written by the pledges service, read by quotes (the capital earmarked per batch) and by the
+    ledger (programme totals); `version` orders them. Amounts are decimal strings in JSON."""
+
+    pledge_id: str
+    partner_id: str
+    program_id: str
+    kind: Literal["capital", "gpus", "capacity"]
+    capital: Money | None = None
+    gpus: GpuCount | None = None
+    capacity: Capacity | None = None
+    earmark_batch_id: str | None = None
+    committed_at: str
+    due_by: str
+    status: Literal["active", "withdrawn"]
+    # Capital pledges only, in the pledge's currency; money disbursed stays counted after a withdrawal.
+    disbursed: Money | None = None
+    version: int
 
 
 class BatchFacts(Facts):
@@ -38,6 +61,20 @@ class BatchFacts(Facts):
     needed_by: str
     status: Literal["open", "awarded"]
     quotes_open: int = 0
+
+
+QuoteStatus = Literal["open", "withdrawn", "awarded", "not_awarded"]
+
+
+class QuoteFacts(Facts):
+    """A vendor's quote as the ledger sees it on quote decisions."""
+
+    quote_id: str
+    batch_id: str
+    vendor_id: str
+    unit_price: Money
+    quantity: int
+    status: QuoteStatus
 
 
 class Funding(Facts):

@@ -6,6 +6,7 @@ so removing the rule makes the test fail.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 
 from services.quotes import domain
 from shared.contract import BatchRequested, Money, QuoteAwarded, QuoteSubmitted, QuoteWithdrawn, ReasonCode
-from shared.facts import AwardFacts, BatchFacts, Funding
+from shared.facts import AwardFacts, BatchFacts, Funding, PledgeFacts
 
 AWARDED_AT = "2025-06-01T09:00:00Z"
 
@@ -60,8 +61,8 @@ def award_event(**changes: Any) -> QuoteAwarded:
     return QuoteAwarded.model_validate({"batch_id": "B-1", "quote_id": "Q-1", "awarded_at": AWARDED_AT, **changes})
 
 
-def pledge(pledge_id: str = "P-1", amount: str = "4000000", **changes: Any) -> dict[str, Any]:
-    """A pledge snapshot as the pledges service publishes it (Pledge.snapshot)."""
+def pledge(pledge_id: str = "P-1", amount: str = "4000000", **changes: Any) -> PledgeFacts:
+    """A pledge as the pledges service publishes it (PledgeFacts, from its JSON)."""
     snap: dict[str, Any] = {
         "pledge_id": pledge_id,
         "partner_id": "kdb",
@@ -77,7 +78,7 @@ def pledge(pledge_id: str = "P-1", amount: str = "4000000", **changes: Any) -> d
         "disbursed": {"amount": "0", "currency": "USD"},
         "version": 1,
     }
-    return {**snap, **changes}
+    return PledgeFacts.model_validate({**snap, **changes})
 
 
 def earmark(**kw: Any) -> domain.Earmark:
@@ -130,7 +131,7 @@ def test_batch_quantity_must_be_positive(quantity: int) -> None:
 def test_matching_quote_is_accepted_with_money_as_strings() -> None:
     q = quote(unit_price={"amount": "4E+4", "currency": "USD"})
     assert q.status == "open"
-    assert q.facts() == {
+    assert q.facts().model_dump(mode="json") == {
         "quote_id": "Q-1",
         "batch_id": "B-1",
         "vendor_id": "vendor-a",
@@ -358,3 +359,72 @@ def test_earmarked_sum_is_exact() -> None:
 def test_a_price_beyond_what_money_holds_is_refused_by_the_contract() -> None:
     with pytest.raises(ValidationError):
         quote_event(unit_price={"amount": "9E+999999", "currency": "USD"}, quantity=100)
+
+
+def test_a_pledge_fact_keeps_the_json_the_ledger_holds() -> None:
+    # Pledge facts are in the ledger for good: the model reads them and writes them back unchanged.
+    snap = pledge().model_dump(mode="json")
+    assert snap == PledgeFacts.model_validate_json(json.dumps(snap)).model_dump(mode="json")
+    assert list(snap) == [
+        "pledge_id",
+        "partner_id",
+        "program_id",
+        "kind",
+        "capital",
+        "gpus",
+        "capacity",
+        "earmark_batch_id",
+        "committed_at",
+        "due_by",
+        "status",
+        "disbursed",
+        "version",
+    ]
+    assert (snap["capital"], snap["disbursed"]) == (
+        {"amount": "4000000", "currency": "USD"},
+        {"amount": "0", "currency": "USD"},
+    )
+
+
+# --- stored state -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "valid_until",
+    [date(2025, 7, 1), datetime(2025, 7, 1, tzinfo=UTC), datetime(2025, 7, 1, 12, 30)],
+    ids=["date", "midnight-utc", "naive-time"],
+)
+def test_a_stored_quote_reads_back_the_same(valid_until: date | datetime) -> None:
+    # A bare date covers its whole day and a time does not (see expired()): the stored form must
+    # keep which one it was, and the route stays a tuple.
+    q = replace(quote(), valid_until=valid_until)
+    back = domain.QUOTE_STATE.validate_json(domain.QUOTE_STATE.dump_json(q))
+    assert back == q and type(back.valid_until) is type(valid_until)
+
+
+def test_a_quote_stored_before_pydantic_wrote_it_still_reads() -> None:
+    # The rows written by the hand-made snapshot: isoformat times, lists, plain dicts.
+    center = {"name": "National AI Computing Center", "country": "KR"}
+    row = {
+        "quote_id": "Q-1",
+        "batch_id": "B-1",
+        "vendor_id": "vendor-a",
+        "model": "B200",
+        "quantity": 100,
+        "unit_price": {"amount": "40000.00", "currency": "USD"},
+        "valid_until": "2025-07-01T00:00:00+00:00",
+        "lead_time_days": 60,
+        "origin_country": "TW",
+        "route": ["TW", "KR"],
+        "consignee": center,
+        "end_user": {**center, "headquarters_country": "KR"},
+        "status": "open",
+    }
+    q = domain.QUOTE_STATE.validate_json(json.dumps(row))
+    assert q.valid_until == datetime(2025, 7, 1, tzinfo=UTC) and q.route == ("TW", "KR")
+    assert q.total_price == Money(amount=Decimal("4000000"), currency="USD")
+
+
+def test_a_stored_batch_reads_back_the_same() -> None:
+    batch = replace(open_batch(), status="awarded", awarded_quote_id="Q-1", awarded_at=AWARDED_AT)
+    assert domain.BATCH_STATE.validate_json(domain.BATCH_STATE.dump_json(batch)) == batch

@@ -19,6 +19,7 @@ from services.ledger.batches import BATCH_TABLES, BatchParty, BatchView, project
 from shared import aggregates
 from shared.cloudevents import CloudEvent
 from shared.decisions import Decision
+from shared.facts import PLEDGE, PledgeFacts
 
 
 class PledgeView(SQLModel, table=True):
@@ -38,33 +39,35 @@ PROJECTION_TABLES = [PledgeView.__table__, *BATCH_TABLES]
 
 async def project(session: AsyncSession, decision: Decision, leaf_index: int) -> None:
     await project_batch(session, decision, leaf_index)
-    pledge = decision.facts.get("pledge")
-    if decision.status == "accepted" and decision.service == "pledges" and isinstance(pledge, dict):
+    if decision.status == "accepted" and decision.service == "pledges" and PLEDGE in decision.facts:
+        pledge = PledgeFacts.model_validate(decision.facts[PLEDGE])
         await _project_pledge(session, pledge, leaf_index)
-        batch = pledge.get("earmark_batch_id")
-        if batch and await aggregates.get(session, BatchParty, (batch, pledge["partner_id"])) is None:
-            session.add(BatchParty(batch_id=batch, party_id=pledge["partner_id"]))
+        batch = pledge.earmark_batch_id
+        if batch and await aggregates.get(session, BatchParty, (batch, pledge.partner_id)) is None:
+            session.add(BatchParty(batch_id=batch, party_id=pledge.partner_id))
 
 
-async def _project_pledge(session: AsyncSession, pledge: dict[str, Any], leaf_index: int) -> None:
-    view = await aggregates.get(session, PledgeView, pledge["pledge_id"])
+async def _project_pledge(session: AsyncSession, pledge: PledgeFacts, leaf_index: int) -> None:
+    view = await aggregates.get(session, PledgeView, pledge.pledge_id)
+    # The view keeps the fact's JSON as it is in the ledger entry.
+    state = json.dumps(pledge.model_dump(mode="json"))
     if view is None:
         session.add(
             PledgeView(
-                pledge_id=pledge["pledge_id"],
-                partner_id=pledge["partner_id"],
-                program_id=pledge["program_id"],
-                earmark_batch_id=pledge.get("earmark_batch_id"),
-                version=pledge["version"],
-                state=json.dumps(pledge),
+                pledge_id=pledge.pledge_id,
+                partner_id=pledge.partner_id,
+                program_id=pledge.program_id,
+                earmark_batch_id=pledge.earmark_batch_id,
+                version=pledge.version,
+                state=state,
                 leaf_index=leaf_index,
             )
         )
-    elif pledge["version"] > view.version:
+    elif pledge.version > view.version:
         # Versions, not arrival order, decide: the view never goes back in time.
-        view.version = pledge["version"]
-        view.earmark_batch_id = pledge.get("earmark_batch_id")
-        view.state = json.dumps(pledge)
+        view.version = pledge.version
+        view.earmark_batch_id = pledge.earmark_batch_id
+        view.state = state
         view.leaf_index = leaf_index
         session.add(view)
 
@@ -78,7 +81,7 @@ async def prefetch(session: AsyncSession, events: Sequence[CloudEvent]) -> None:
     for event in events:
         decision = event.data
         facts = decision.get("facts")
-        pledge = facts.get("pledge") if isinstance(facts, dict) else None
+        pledge = facts.get(PLEDGE) if isinstance(facts, dict) else None
         if decision.get("service") != "pledges":
             batches.append(decision.get("batch_id"))
         elif isinstance(pledge, dict):

@@ -3,9 +3,12 @@ the pledge as it stands and says what the pledge becomes, or why the event is re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
+
+from pydantic import TypeAdapter, field_serializer, field_validator
+from pydantic.dataclasses import dataclass
 
 from shared.contract import (
     GPU_MODELS,
@@ -20,6 +23,7 @@ from shared.contract import (
     ReasonCode,
 )
 from shared.decisions import RuleBroken
+from shared.facts import PledgeFacts
 
 
 @dataclass(frozen=True)
@@ -38,41 +42,35 @@ class Pledge:
     disbursed: Decimal = Decimal(0)
     version: int = 1
 
+    @field_validator("disbursed", mode="before")
+    @classmethod
+    def _disbursed_from_money(cls, value: Any) -> Any:
+        # Published as Money in the pledge's currency (None for pledges that are not capital).
+        if value is None:
+            return Decimal(0)
+        return value["amount"] if isinstance(value, dict) else value
+
+    @field_serializer("disbursed")
+    def _disbursed_as_money(self, disbursed: Decimal) -> Money | None:
+        return Money(amount=disbursed, currency=self.capital.currency) if self.capital else None
+
     def snapshot(self) -> dict[str, Any]:
-        """The pledge as other services and the ledger see it (amounts as decimal strings)."""
-        return {
-            "pledge_id": self.pledge_id,
-            "partner_id": self.partner_id,
-            "program_id": self.program_id,
-            "kind": self.kind,
-            "capital": self.capital.model_dump(mode="json") if self.capital else None,
-            "gpus": self.gpus.model_dump(mode="json") if self.gpus else None,
-            "capacity": self.capacity.model_dump(mode="json") if self.capacity else None,
-            "earmark_batch_id": self.earmark_batch_id,
-            "committed_at": self.committed_at,
-            "due_by": self.due_by,
-            "status": self.status,
-            "disbursed": {"amount": str(self.disbursed), "currency": self.capital.currency} if self.capital else None,
-            "version": self.version,
-        }
+        """The pledge as other services and the ledger see it: the JSON of PledgeFacts."""
+        return _SNAPSHOT.dump_python(self, mode="json")
+
+    def facts(self) -> PledgeFacts:
+        return PledgeFacts.model_validate(self.snapshot())
 
     @classmethod
-    def from_snapshot(cls, s: dict[str, Any]) -> Pledge:
-        return cls(
-            pledge_id=s["pledge_id"],
-            partner_id=s["partner_id"],
-            program_id=s["program_id"],
-            kind=s["kind"],
-            capital=Money.model_validate(s["capital"]) if s["capital"] else None,
-            gpus=GpuCount.model_validate(s["gpus"]) if s["gpus"] else None,
-            capacity=Capacity.model_validate(s["capacity"]) if s["capacity"] else None,
-            earmark_batch_id=s["earmark_batch_id"],
-            committed_at=s["committed_at"],
-            due_by=s["due_by"],
-            status=s["status"],
-            disbursed=Decimal(s["disbursed"]["amount"]) if s["disbursed"] else Decimal(0),
-            version=s["version"],
-        )
+    def from_snapshot(cls, snapshot: dict[str, Any] | str) -> Pledge:
+        """From `snapshot()` or its JSON text (as stored)."""
+        if isinstance(snapshot, str):
+            return _SNAPSHOT.validate_json(snapshot)
+        return _SNAPSHOT.validate_python(snapshot)
+
+
+# Pydantic writes and reads the snapshot, so it cannot drift from the fields.
+_SNAPSHOT: TypeAdapter[Pledge] = TypeAdapter(Pledge)
 
 
 def _check_money(money: Money) -> None:

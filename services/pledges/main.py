@@ -18,6 +18,7 @@ from shared.cloudevents import CloudEvent
 from shared.consumer import Inbound
 from shared.contract import PLEDGES_TOPIC, event_type
 from shared.decisions import Accepted, Verdict
+from shared.facts import PLEDGE
 from shared.service import Service, run_service
 
 SERVICE = "pledges"
@@ -40,13 +41,14 @@ def _handler(rule: Callable[[domain.Pledge | None, object], domain.Pledge], verb
             pledge = rule(current, inbound.data)
         except domain.RuleBroken as broken:
             return broken.rejected()
-        snapshot = pledge.snapshot()
-        state = json.dumps(snapshot)
+        # Stored and published as the same typed fact (shared.facts.PledgeFacts).
+        facts = pledge.facts().model_dump(mode="json")
+        state = json.dumps(facts)
         if row is None:
             session.add(PledgeRow(pledge_id=pledge.pledge_id, partner_id=pledge.partner_id, state=state))
         else:
             row.state = state
-        return Accepted(message=f"pledge {pledge_id} {verb}", facts={"pledge": snapshot})
+        return Accepted(message=f"pledge {pledge_id} {verb}", facts={PLEDGE: facts})
 
     return handle
 

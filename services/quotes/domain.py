@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+
+import pydantic
+from pydantic import TypeAdapter
 
 from shared.contract import (
     GPU_MODELS,
@@ -35,7 +37,7 @@ from shared.contract import (
     ReasonCode,
 )
 from shared.decisions import RuleBroken
-from shared.facts import AwardFacts, BatchFacts, Funding, anomaly
+from shared.facts import AwardFacts, BatchFacts, Funding, PledgeFacts, QuoteFacts, QuoteStatus, anomaly
 
 # Money arithmetic never rounds silently: sums and products are computed at this precision
 # and a result that would need more digits is refused rather than rounded.
@@ -67,10 +69,6 @@ def _iso(value: date | datetime) -> str:
     return value.isoformat()
 
 
-def _parse_when(value: str) -> date | datetime:
-    return datetime.fromisoformat(value) if "T" in value else date.fromisoformat(value)
-
-
 def _utc(value: datetime) -> datetime:
     # A time without an offset is read as UTC, so naive and aware times can be compared.
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -84,9 +82,10 @@ def expired(valid_until: date | datetime, at: datetime) -> bool:
 
 
 # --- state --------------------------------------------------------------------------------
+# Batches and quotes are stored as JSON written and read by pydantic (BATCH_STATE, QUOTE_STATE).
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True)
 class Batch:
     batch_id: str
     program_id: str
@@ -110,25 +109,8 @@ class Batch:
             quotes_open=quotes_open,
         )
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "batch_id": self.batch_id,
-            "program_id": self.program_id,
-            "model": self.model,
-            "quantity": self.quantity,
-            "site_id": self.site_id,
-            "needed_by": self.needed_by,
-            "status": self.status,
-            "awarded_quote_id": self.awarded_quote_id,
-            "awarded_at": self.awarded_at,
-        }
 
-    @classmethod
-    def from_snapshot(cls, s: dict[str, Any]) -> Batch:
-        return cls(**s)
-
-
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True)
 class Quote:
     quote_id: str
     batch_id: str
@@ -142,7 +124,7 @@ class Quote:
     route: tuple[str, ...]
     consignee: Party
     end_user: EndUser
-    status: str = "open"  # open | withdrawn | awarded | not_awarded
+    status: QuoteStatus = "open"
 
     @property
     def total_price(self) -> Money:
@@ -151,51 +133,21 @@ class Quote:
         assert total is not None
         return Money(amount=plain(total), currency=self.unit_price.currency)
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> QuoteFacts:
         """The quote as the ledger sees it on quote decisions."""
-        return {
-            "quote_id": self.quote_id,
-            "batch_id": self.batch_id,
-            "vendor_id": self.vendor_id,
-            "unit_price": {"amount": str(plain(self.unit_price.amount)), "currency": self.unit_price.currency},
-            "quantity": self.quantity,
-            "status": self.status,
-        }
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "quote_id": self.quote_id,
-            "batch_id": self.batch_id,
-            "vendor_id": self.vendor_id,
-            "model": self.model,
-            "quantity": self.quantity,
-            "unit_price": self.unit_price.model_dump(mode="json"),
-            "valid_until": _iso(self.valid_until),
-            "lead_time_days": self.lead_time_days,
-            "origin_country": self.origin_country,
-            "route": list(self.route),
-            "consignee": self.consignee.model_dump(mode="json"),
-            "end_user": self.end_user.model_dump(mode="json"),
-            "status": self.status,
-        }
-
-    @classmethod
-    def from_snapshot(cls, s: dict[str, Any]) -> Quote:
-        return cls(
-            quote_id=s["quote_id"],
-            batch_id=s["batch_id"],
-            vendor_id=s["vendor_id"],
-            model=s["model"],
-            quantity=s["quantity"],
-            unit_price=Money.model_validate(s["unit_price"]),
-            valid_until=_parse_when(s["valid_until"]),
-            lead_time_days=s["lead_time_days"],
-            origin_country=s["origin_country"],
-            route=tuple(s["route"]),
-            consignee=Party.model_validate(s["consignee"]),
-            end_user=EndUser.model_validate(s["end_user"]),
-            status=s["status"],
+        return QuoteFacts(
+            quote_id=self.quote_id,
+            batch_id=self.batch_id,
+            vendor_id=self.vendor_id,
+            unit_price=self.unit_price,
+            quantity=self.quantity,
+            status=self.status,
         )
+
+
+# The stored form of each; JSON, so a bare date stays a date and a time stays a time.
+BATCH_STATE: TypeAdapter[Batch] = TypeAdapter(Batch)
+QUOTE_STATE: TypeAdapter[Quote] = TypeAdapter(Quote)
 
 
 @dataclass(frozen=True)
@@ -215,16 +167,16 @@ class Earmark:
         return self.status == "active" and self.kind == "capital" and self.capital is not None
 
     @classmethod
-    def from_pledge(cls, p: dict[str, Any]) -> Earmark:
-        """From a pledge snapshot (services/pledges/domain.py Pledge.snapshot)."""
+    def from_pledge(cls, p: PledgeFacts) -> Earmark:
+        """From the pledges service's fact about a pledge."""
         return cls(
-            pledge_id=p["pledge_id"],
-            partner_id=p["partner_id"],
-            version=int(p["version"]),
-            kind=p["kind"],
-            status=p["status"],
-            batch_id=p.get("earmark_batch_id"),
-            capital=Money.model_validate(p["capital"]) if p.get("capital") else None,
+            pledge_id=p.pledge_id,
+            partner_id=p.partner_id,
+            version=p.version,
+            kind=p.kind,
+            status=p.status,
+            batch_id=p.earmark_batch_id,
+            capital=p.capital,
         )
 
 

@@ -9,7 +9,6 @@ handlers here load, call a rule, save.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from shared.consumer import Emitter, Inbound
 from shared.contract import (
     PROCUREMENT_TOPIC,
     BatchRequested,
+    Money,
     QuoteAwarded,
     QuoteSubmitted,
     QuoteWithdrawn,
@@ -30,7 +30,7 @@ from shared.contract import (
     event_type,
 )
 from shared.decisions import Accepted, Decision, Verdict
-from shared.facts import AWARD, BATCH, PLEDGE
+from shared.facts import AWARD, BATCH, PLEDGE, QUOTE, PledgeFacts
 from shared.service import Service, run_service
 
 SERVICE = "quotes"
@@ -51,7 +51,7 @@ class BatchRow(SQLModel, table=True):
     batch_id: str = Field(primary_key=True, max_length=200)
     program_id: str = Field(index=True, max_length=200)
     status: str = Field(max_length=20)
-    state: str = Field(description="JSON snapshot of the batch (domain.Batch.snapshot)")
+    state: str = Field(description="JSON of the batch (domain.BATCH_STATE)")
 
 
 class QuoteRow(SQLModel, table=True):
@@ -61,7 +61,7 @@ class QuoteRow(SQLModel, table=True):
     batch_id: str = Field(index=True, max_length=200)
     vendor_id: str = Field(index=True, max_length=200)
     status: str = Field(max_length=20)
-    state: str = Field(description="JSON snapshot of the quote (domain.Quote.snapshot)")
+    state: str = Field(description="JSON of the quote (domain.QUOTE_STATE)")
 
 
 class EarmarkRow(SQLModel, table=True):
@@ -88,12 +88,12 @@ TABLES = [BatchRow.__table__, QuoteRow.__table__, EarmarkRow.__table__]
 
 async def _batch(session: AsyncSession, batch_id: str) -> domain.Batch | None:
     row = await aggregates.get(session, BatchRow, batch_id)
-    return domain.Batch.from_snapshot(json.loads(row.state)) if row else None
+    return domain.BATCH_STATE.validate_json(row.state) if row else None
 
 
 async def _save_batch(session: AsyncSession, batch: domain.Batch) -> None:
     row = await aggregates.get(session, BatchRow, batch.batch_id)
-    state = json.dumps(batch.snapshot())
+    state = domain.BATCH_STATE.dump_json(batch).decode()
     if row is None:
         row = BatchRow(batch_id=batch.batch_id, program_id=batch.program_id, status=batch.status, state=state)
     else:
@@ -103,17 +103,17 @@ async def _save_batch(session: AsyncSession, batch: domain.Batch) -> None:
 
 async def _quote(session: AsyncSession, quote_id: str) -> domain.Quote | None:
     row = await aggregates.get(session, QuoteRow, quote_id)
-    return domain.Quote.from_snapshot(json.loads(row.state)) if row else None
+    return domain.QUOTE_STATE.validate_json(row.state) if row else None
 
 
 async def _quotes_of(session: AsyncSession, batch_id: str) -> list[domain.Quote]:
     rows = (await session.exec(select(QuoteRow).where(QuoteRow.batch_id == batch_id))).all()
-    return [domain.Quote.from_snapshot(json.loads(r.state)) for r in rows]
+    return [domain.QUOTE_STATE.validate_json(r.state) for r in rows]
 
 
 async def _save_quote(session: AsyncSession, quote: domain.Quote) -> None:
     row = await aggregates.get(session, QuoteRow, quote.quote_id)
-    state = json.dumps(quote.snapshot())
+    state = domain.QUOTE_STATE.dump_json(quote).decode()
     if row is None:
         row = QuoteRow(
             quote_id=quote.quote_id,
@@ -128,17 +128,14 @@ async def _save_quote(session: AsyncSession, quote: domain.Quote) -> None:
 
 
 def _earmark(row: EarmarkRow) -> domain.Earmark:
-    capital = {"amount": row.amount, "currency": row.currency} if row.amount is not None else None
-    return domain.Earmark.from_pledge(
-        {
-            "pledge_id": row.pledge_id,
-            "partner_id": row.partner_id,
-            "version": row.version,
-            "kind": row.kind,
-            "status": row.status,
-            "earmark_batch_id": row.earmark_batch_id,
-            "capital": capital,
-        }
+    return domain.Earmark(
+        pledge_id=row.pledge_id,
+        partner_id=row.partner_id,
+        version=row.version,
+        kind=row.kind,
+        status=row.status,
+        batch_id=row.earmark_batch_id,
+        capital=Money.model_validate({"amount": row.amount, "currency": row.currency}) if row.amount else None,
     )
 
 
@@ -196,7 +193,7 @@ async def on_quote_submitted(session: AsyncSession, inbound: Inbound) -> Verdict
     await _save_quote(session, quote)
     return Accepted(
         message=f"quote {quote.quote_id} submitted for batch {batch.batch_id}",
-        facts={BATCH: _batch_facts(batch, quotes), "quote": quote.facts()},
+        facts={BATCH: _batch_facts(batch, quotes), QUOTE: quote.facts().model_dump(mode="json")},
     )
 
 
@@ -213,7 +210,7 @@ async def on_quote_withdrawn(session: AsyncSession, inbound: Inbound) -> Verdict
     await _save_quote(session, quote)
     return Accepted(
         message=f"quote {quote.quote_id} withdrawn",
-        facts={BATCH: _batch_facts(batch, quotes), "quote": quote.facts()},
+        facts={BATCH: _batch_facts(batch, quotes), QUOTE: quote.facts().model_dump(mode="json")},
     )
 
 
@@ -237,7 +234,7 @@ async def on_quote_awarded(session: AsyncSession, inbound: Inbound) -> Verdict:
         facts={
             AWARD: result.facts.model_dump(mode="json"),
             BATCH: _batch_facts(result.batch, quotes),
-            "quote": result.quote.facts(),
+            QUOTE: result.quote.facts().model_dump(mode="json"),
             "not_awarded": [q.quote_id for q in result.not_awarded],
         },
     )
@@ -257,10 +254,9 @@ HANDLERS = {
 async def on_decision(session: AsyncSession, event: CloudEvent, decision: Decision, emitter: Emitter) -> None:
     """Keeps the earmark of each pledge from the pledges service's accepted decisions. Nothing
     here is a decision of ours, so nothing is emitted."""
-    pledge = decision.facts.get(PLEDGE)
-    if decision.service != "pledges" or decision.status != "accepted" or not isinstance(pledge, dict):
+    if decision.service != "pledges" or decision.status != "accepted" or PLEDGE not in decision.facts:
         return
-    incoming = domain.Earmark.from_pledge(pledge)
+    incoming = domain.Earmark.from_pledge(PledgeFacts.model_validate(decision.facts[PLEDGE]))
     row = await aggregates.get(session, EarmarkRow, incoming.pledge_id)
     kept = domain.track_pledge(_earmark(row) if row else None, incoming)
     if kept is not None:
