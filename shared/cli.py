@@ -141,8 +141,10 @@ def publish(
 
 @app.command("run")
 def run(
-    kafka_port: Annotated[int, typer.Option(help="Port of the local Kafka broker started when none is given")] = 9092,
-    api_port: Annotated[int, typer.Option(help="Port of the ledger API")] = 8000,
+    kafka_port: Annotated[
+        int, typer.Option(help="Port of the local Kafka broker started when none is given (0: pick a free one)")
+    ] = 9092,
+    api_port: Annotated[int, typer.Option(help="Port of the ledger API (0: pick a free one)")] = 8000,
     var_dir: Annotated[Path, typer.Option(help="Keys, embedded databases, Kafka data and logs")] = Path("var"),
 ) -> None:
     """Start the whole system on this machine: Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set), the
@@ -150,20 +152,42 @@ def run(
 
     Each service keeps its data in its own SQLite file under VAR_DIR/data unless DATABASE_URL_<SERVICE>
     (e.g. DATABASE_URL_LEDGER) points it at PostgreSQL.
+
+    It refuses to start, naming the process, when a port it needs is taken: it never joins
+    whatever else answers there.
     """
     import os
     import signal
     import subprocess
     import time
 
+    from rich.markup import escape
+
     from shared.devstack import SERVICES, Stack
+    from shared.ports import PortTaken, choose
 
     var_dir = var_dir.resolve()
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    # Before anything starts. Our own broker from an earlier run may hold its port: kafka.sh reuses it.
+    try:
+        if not bootstrap:
+            pid_file = var_dir / "kafka" / "kafka.pid"
+            pid_text = pid_file.read_text().strip() if pid_file.exists() else ""
+            ours = int(pid_text) if pid_text.isdigit() else None
+            kafka_port, note = choose(kafka_port, "Kafka", "--kafka-port", ours=ours)
+            if note:
+                console.print(note, soft_wrap=True)
+        api_port, note = choose(api_port, "the ledger API", "--api-port")
+        if note:
+            console.print(note, soft_wrap=True)
+    except PortTaken as exc:
+        # soft_wrap: one line whatever the terminal's width; escape: a command line may hold [brackets].
+        console.print(f"[red]cannot start[/red]: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
     keys = var_dir / "keys"
     keys_init(keys)
     root = Path(__file__).resolve().parent.parent
     started_kafka = False
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
         console.print("starting Kafka (first run fetches its jars from Maven Central)...")
         out = subprocess.run(
@@ -176,10 +200,13 @@ def run(
                 "--port",
                 str(kafka_port),
             ],
-            check=True,
+            check=False,
             stdout=subprocess.PIPE,
             text=True,
         )
+        if out.returncode != 0:
+            console.print("[red]Kafka did not start[/red] (kafka.sh said why, above)")
+            raise typer.Exit(1)
         bootstrap = out.stdout.strip().splitlines()[-1]
         started_kafka = True
     from shared.topics import ensure_topics
@@ -212,7 +239,7 @@ def run(
         tokens = json.loads((keys / "tokens.json").read_text())["tokens"]
         auditor = next(t["token"] for t in tokens if t["role"] == "auditor")
         ports = ", ".join(f"{n} :{stack.ports[n]}" for n in SERVICES)
-        console.print(f"  health and /metrics: {ports}")
+        console.print(f"  /healthz, /readyz and /metrics: {ports}")
         console.print(f"[green]gputrace is running[/green]: Kafka {bootstrap}, services {', '.join(SERVICES)}")
         console.print(f"  API        {stack.api_url}/docs   (Authorization: Bearer {auditor})")
         console.print(f"  dashboard  {stack.api_url}/")

@@ -8,7 +8,11 @@
 #
 # A dir remembers its ports (kafka.env): `start` on an existing dir restarts the same broker, same
 # data, same ports (the controller's endpoint is written into the KRaft bootstrap checkpoint, so it
-# must not move). Everything but the address goes to stderr, so `$(kafka.sh start)` is usable.
+# must not move); `--port` may move the client port. Everything but the address goes to stderr, so
+# `$(kafka.sh start)` is usable.
+#
+# `start` refuses a port another process listens on (naming it), and says `ready` only once the
+# answer on the port comes from the java process it started: never from someone else's broker.
 #
 # Env: KAFKA_VERSION (default below), GPUTRACE_CACHE, KAFKA_HEAP_OPTS, KAFKA_JVM_OPTS,
 #      KAFKA_START_TIMEOUT (seconds, default 90).
@@ -26,6 +30,19 @@ die() { log "error: $*"; exit 1; }
 
 # Prefer the system python: a pyenv shim may point at an interpreter that is not there in CI.
 PY="$(command -v /usr/bin/python3 || command -v python3 || true)"
+# Who holds a port (standard library only, so the system python runs it).
+PORTS_PY="$HERE/../../shared/ports.py"
+
+# Fails naming the process that listens on port $1 (for $2), if any.
+require_free() {
+    local why
+    if ! why="$("$PY" "$PORTS_PY" check "$1" "$2")"; then
+        die "$why; stop it or choose another port"
+    fi
+}
+
+# True when pid $1 itself listens on port $2.
+owns_port() { "$PY" "$PORTS_PY" owns "$1" "$2"; }
 
 free_port() {
     [[ -n "$PY" ]] || die "python3 is needed to pick a free port"
@@ -209,14 +226,17 @@ cmd_start() {
     if [[ -f "$DIR/kafka.env" ]]; then
         # shellcheck disable=SC1091
         source "$DIR/kafka.env"
-        [[ -z "$PORT" || "$PORT" == "$KAFKA_PORT" ]] || die "$DIR belongs to a broker on port $KAFKA_PORT"
-        PORT="$KAFKA_PORT"
+        # The client listener may move (the broker re-registers it on start); the controller's may not.
+        [[ -z "$PORT" || "$PORT" == "$KAFKA_PORT" ]] || log "moving the broker's client port from $KAFKA_PORT to $PORT"
+        PORT="${PORT:-$KAFKA_PORT}"
     else
         [[ -n "$PORT" ]] || PORT="$(free_port)"
         CONTROLLER_PORT="$(free_port)"
         while [[ "$CONTROLLER_PORT" == "$PORT" ]]; do CONTROLLER_PORT="$(free_port)"; done
-        printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\n' "$PORT" "$CONTROLLER_PORT" >"$DIR/kafka.env"
     fi
+    require_free "$PORT" "Kafka"
+    require_free "$CONTROLLER_PORT" "Kafka's controller"
+    printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\n' "$PORT" "$CONTROLLER_PORT" >"$DIR/kafka.env"
     mkdir -p "$DIR/logs"
     write_config
     java_cmd
@@ -239,10 +259,13 @@ cmd_start() {
     pid=$!
     echo "$pid" >"$PIDFILE"
     local deadline=$((SECONDS + ${KAFKA_START_TIMEOUT:-90}))
-    until probe "$PORT"; do
+    # Ours answering, not just anyone: the port must be held by the java we started.
+    until probe "$PORT" && owns_port "$pid" "$PORT"; do
         if ! kill -0 "$pid" 2>/dev/null; then
             tail -n 40 "$DIR/logs/kafka.out" "$DIR/logs/server.log" >&2 2>/dev/null || true
             rm -f "$PIDFILE"
+            # Taken between our check and the bind? Then say by whom.
+            "$PY" "$PORTS_PY" check "$PORT" Kafka >&2 || true
             die "broker exited during start-up (logs in $DIR/logs)"
         fi
         if ((SECONDS >= deadline)); then
