@@ -1,7 +1,9 @@
 """Errors the export-control domain raises.
 
-The service wrapper turns these into recorded rejections (never crashes), so each carries a
-stable `reason_code` alongside the human message.
+Each carries a stable `reason_code` (for the evidence, not the partner contract). The case
+lifecycle (lifecycle.py) turns the two a partner's award can cause, UnknownModelError and
+NoRulesetInForceError, into RuleBroken with a contract reason code; RulesetDataError and
+UnknownRulesetError are configuration faults that stop the service at start-up (rulebook.py).
 """
 
 from __future__ import annotations
