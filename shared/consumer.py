@@ -286,6 +286,11 @@ class BatchProcessor:
             return
         except NeedsSafeMode as why:
             log.warning("batch of %d replayed record by record: %s", len(items), why)
+        except Exception as exc:
+            if _is_infrastructure(exc):
+                raise
+            # A batch-level write or hook refused (e.g. the ledger's bulk append): the same replay.
+            log.warning("batch of %d failed (%s); replayed record by record", len(items), _describe(exc))
         try:
             await self._run(items, safe=True)
             return

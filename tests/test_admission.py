@@ -23,11 +23,19 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.pledges.main import HANDLERS, PledgeRow, prefetch
 from shared import kafka_records
-from shared.cloudevents import UnreadableRecord, read_record
-from shared.consumer import LETTER_VALUE_BYTES, MAX_TRIES, BatchProcessor, Inbound, RetryBatch, dead_letter
-from shared.contract import DLQ_TOPIC, OUTCOMES_TOPIC, PLEDGES_TOPIC, PledgeCommitted, event_type
-from shared.db import DeliveryFailure, OutboxMessage, create_tables, fit, make_engine, session_factory
-from shared.decisions import Verdict
+from shared.cloudevents import CloudEvent, UnreadableRecord, read_record
+from shared.consumer import LETTER_VALUE_BYTES, MAX_TRIES, BatchProcessor, Emitter, Inbound, RetryBatch, dead_letter
+from shared.contract import (
+    DLQ_TOPIC,
+    OUTCOMES_TOPIC,
+    PLEDGES_TOPIC,
+    PledgeCommitted,
+    decisions_topic,
+    event_type,
+    service_source,
+)
+from shared.db import DeliveryFailure, OutboxMessage, create_tables, fit, make_engine, session_factory, utcnow
+from shared.decisions import DECISION_TYPE, Decision, Verdict
 from shared.parties import PartyRegistry, generate_dev_registry
 from tests.partner import PartnerClient
 
@@ -387,3 +395,52 @@ async def test_hostile_records_in_one_batch_are_each_answered_and_nothing_raises
             rfc8785.dumps(doc)  # every decision can be appended to the ledger
     letters = [doc for topic, doc in written if topic == DLQ_TOPIC]
     assert sorted(letter["offset"] for letter in letters) == [4, 5]
+
+
+async def test_a_batch_level_write_that_fails_isolates_its_record_and_lets_the_others_through(
+    sessions: Any,
+) -> None:
+    """Like the ledger's bulk append at the end of a batch: the failure belongs to no record's
+    handler, so each record is replayed in its own transaction; the guilty one is retried, then
+    dead-lettered, and the others are handled once."""
+    topic = decisions_topic("pledges")
+    handled: list[str] = []
+
+    async def on_decision(session: AsyncSession, event: CloudEvent, decision: Decision, _: Emitter) -> None:
+        session.info.setdefault("messages", []).append(decision.message)
+
+    async def after_batch(session: AsyncSession) -> None:
+        messages = session.info.pop("messages", [])
+        if "poison" in messages:
+            raise ValueError("the bulk write refused a row")
+        handled.extend(messages)
+
+    def record(offset: int, message: str) -> ConsumerRecord:
+        decision = Decision(
+            decision_id=f"d-{offset}",
+            service="pledges",
+            decided_at=utcnow(),
+            status="accepted",
+            message=message,
+            event_type="gputrace.pledge.committed.v1",
+        )
+        event = CloudEvent(
+            id=decision.decision_id,
+            source=service_source("pledges"),
+            type=DECISION_TYPE,
+            data=decision.model_dump(mode="json"),
+        )
+        key, value, headers = event.as_record()
+        return ConsumerRecord(topic, 0, offset, 0, 0, key, value, None, 0, len(value), headers)
+
+    batch = [record(0, "first"), record(1, "poison"), record(2, "last")]
+    ledger = BatchProcessor(
+        "ledger", sessions, internal_handler=on_decision, internal_topics=[topic], after_batch=after_batch
+    )
+    for _ in range(MAX_TRIES - 1):
+        with pytest.raises(RetryBatch):
+            await ledger.process(batch)
+    await ledger.process(batch)
+    assert handled == ["first", "last"]  # each once: the first was committed on the first replay
+    letters = [doc for t, doc in await outbox(sessions) if t == DLQ_TOPIC]
+    assert [(letter["offset"], "ValueError" in letter["reason"]) for letter in letters] == [(1, True)]
