@@ -266,5 +266,76 @@ def run(
 
 app.command("demo")(importlib.import_module("shared.demo").demo)
 
+ops_app = typer.Typer(help="Operations: what needs a person.", no_args_is_help=True)
+app.add_typer(ops_app, name="ops")
+
+
+@ops_app.command("parked")
+def ops_parked(
+    service: Annotated[
+        list[str] | None, typer.Option("--service", "-s", help="Service to look at (repeatable; default: all)")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The service's database (default: DATABASE_URL_<SERVICE>, then DATABASE_URL; "
+            "else its SQLite file under --var-dir)"
+        ),
+    ] = None,
+    var_dir: Annotated[Path, typer.Option(help="Where the embedded SQLite databases live")] = Path("var"),
+    limit: Annotated[int, typer.Option(min=1, help="Most rows shown per service")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row instead of a table")] = False,
+) -> None:
+    """Outbox rows that can never be sent (too large, refused by the broker), parked so that the
+    rows behind them flow: what they were, where they were going, and why they stay."""
+    import dataclasses
+    import os
+
+    from rich.table import Table
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from shared.db import make_engine
+    from shared.outbox import ParkedRow, list_parked
+
+    services = service or list(SERVICE_MODULES)
+    unknown = [s for s in services if s not in SERVICE_MODULES]
+    if unknown:
+        raise typer.BadParameter(f"unknown service {unknown[0]!r}; choose from {', '.join(SERVICE_MODULES)}")
+    if database_url and len(services) != 1:
+        raise typer.BadParameter("--database-url names one service's database: give one --service")
+
+    async def read(svc: str) -> list[ParkedRow] | str:
+        url = database_url or os.environ.get(f"DATABASE_URL_{svc.upper()}") or os.environ.get("DATABASE_URL")
+        if not url and not (var_dir / "data" / f"{svc}.db").exists():
+            return "no database"
+        engine = make_engine(Settings(database_url=url, var_dir=var_dir).sqlalchemy_url(svc))
+        try:
+            return await list_parked(engine, limit)
+        except SQLAlchemyError as exc:  # unreachable, or a database the service never started on
+            return f"unreadable: {str(exc).splitlines()[0]}"
+        finally:
+            await engine.dispose()
+
+    found = {svc: asyncio.run(read(svc)) for svc in services}
+    if as_json:
+        for svc, rows in found.items():
+            for row in rows if isinstance(rows, list) else []:
+                typer.echo(json.dumps({"service": svc, **dataclasses.asdict(row)}))
+        return
+    table = Table(title="Parked outbox rows")
+    for column in ("service", "id", "outbox id", "topic", "key", "bytes", "parked at", "reason"):
+        table.add_column(column, overflow="fold")  # wrapped, never cut: ops need all of it
+    for svc, rows in found.items():
+        if isinstance(rows, str):
+            console.print(f"{svc}: {rows}")
+            continue
+        for r in rows:
+            table.add_row(svc, str(r.id), str(r.outbox_id), r.topic, r.key, f"{r.size:,}", r.parked_at, r.reason)
+    total = sum(len(rows) for rows in found.values() if isinstance(rows, list))
+    if total:
+        console.print(table)
+    console.print(f"{total} parked row(s)")
+
+
 if __name__ == "__main__":
     app()

@@ -46,9 +46,14 @@ TOPIC_PARTITIONS: dict[str, int] = {
 # Partner events and decisions are the record a service (or a new ledger) rebuilds from: kept
 # forever. Outcomes are receipts partners read as they come: kept 30 days.
 RETAIN_FOREVER = {"retention.ms": "-1"}
+# The largest record batch a topic accepts (max.message.bytes) and the largest record the outbox
+# relay's producer sends (max_request_size): the same number, so a record the producer lets
+# through is never refused by the broker for its size (a larger one is parked, shared.outbox).
+MAX_RECORD_BYTES = 1_048_576
+_SIZE = {"max.message.bytes": str(MAX_RECORD_BYTES)}
 TOPIC_CONFIGS: dict[str, dict[str, str]] = {
-    **{t: RETAIN_FOREVER for t in TOPIC_PARTITIONS if t != OUTCOMES_TOPIC},
-    OUTCOMES_TOPIC: {"retention.ms": str(30 * 24 * 3600 * 1000)},
+    **{t: {**RETAIN_FOREVER, **_SIZE} for t in TOPIC_PARTITIONS if t != OUTCOMES_TOPIC},
+    OUTCOMES_TOPIC: {"retention.ms": str(30 * 24 * 3600 * 1000), **_SIZE},
 }
 
 TYPE_PREFIX = "gputrace."

@@ -70,7 +70,30 @@ class OutboxMessage(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-MECHANISM_TABLES: list[Table] = [ProcessedMessage.__table__, OutboxMessage.__table__, DeliveryFailure.__table__]  # type: ignore[list-item]
+class ParkedOutboxMessage(SQLModel, table=True):
+    """Outbox rows that can never be sent (too large, refused by the broker), moved aside with the
+    reason so the rows behind them flow (shared.outbox); listed by `gputrace ops parked`."""
+
+    __tablename__ = "outbox_parked"
+
+    # Its own key: SQLite may reuse an outbox id once the row is gone.
+    id: int | None = Field(default=None, primary_key=True)
+    outbox_id: int
+    topic: str = Field(max_length=200)
+    key: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    value: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    headers: str = Field(default="[]", description="JSON list of [name, value] pairs")
+    created_at: datetime = Field(default_factory=utcnow)
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    parked_at: datetime = Field(default_factory=utcnow)
+
+
+MECHANISM_TABLES: list[Table] = [  # type: ignore[list-item]
+    ProcessedMessage.__table__,
+    OutboxMessage.__table__,
+    ParkedOutboxMessage.__table__,
+    DeliveryFailure.__table__,
+]
 
 
 def make_engine(url: str) -> AsyncEngine:

@@ -659,7 +659,11 @@ class OutcomeWatcher:
 
     def __init__(self, bootstrap: str) -> None:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, client_id="gputrace-demo-outcomes"
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id="gputrace-demo-outcomes",
+            isolation_level="read_committed",  # outcomes come from transactional relays
         )
         self.outcomes: dict[str, dict[str, Any]] = {}
         self._changed = asyncio.Event()

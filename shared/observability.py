@@ -17,6 +17,9 @@ DUPLICATES = Counter("gputrace_duplicates_total", "Redelivered events dropped", 
 HANDLER_SECONDS = Histogram("gputrace_batch_seconds", "Time to handle one polled batch, commit included", ["service"])
 OUTBOX_BACKLOG = Gauge("gputrace_outbox_backlog", "Outbox rows left after the last relay pass", ["service"])
 OUTBOX_PUBLISHED = Counter("gputrace_outbox_published_total", "Outbox rows published", ["service"])
+OUTBOX_PARKED = Counter(
+    "gputrace_outbox_parked_total", "Outbox rows that can never be sent, parked for ops", ["service", "reason"]
+)
 LEDGER_SIZE = Gauge("gputrace_ledger_size", "Entries in the ledger's Merkle log")
 
 

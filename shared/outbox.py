@@ -1,30 +1,83 @@
-"""Transactional outbox: enqueue in the caller's transaction, publish later with an idempotent producer.
+"""Transactional outbox, published exactly once with Kafka transactions.
 
-The relay publishes rows in id order and deletes them only after Kafka acknowledged them
-(acks=all). A crash between the two publishes a row again; consumers drop the copy by its
-ce_source + ce_id, so the effect is exactly once.
+A service writes its outgoing records into its `outbox` table in the same database transaction as
+its state change (`enqueue`); the relay publishes them:
+
+- One relay leads per service database: it holds a PostgreSQL session advisory lock while it
+  leads (SQLite: one process). Its transactional producer (transactional.id
+  `<prefix>-<service>-outbox`) fences every older producer of that id, so a zombie relay, cut off
+  from the database but still running, can publish nothing more.
+- A round publishes up to RELAY_BATCH rows in ONE Kafka transaction, and commits in that same
+  transaction the relay's progress: the ids of those rows and a digest of their contents, as the
+  offset metadata of the group `<prefix>-<service>-outbox`. Then it deletes the rows.
+- A crash between Kafka's commit and the DELETE leaves published rows in the table. A new leader,
+  after fencing the old producer, reads the committed progress and deletes those rows unsent.
+  A crash before the commit aborts the transaction: its records are never seen by readers.
+
+So every row reaches a consumer reading with isolation.level=read_committed exactly once.
+
+The outbox heals itself: a row that can never be sent (larger than MAX_RECORD_BYTES, refused by
+the broker as invalid, malformed) is moved to `outbox_parked` with its reason, counted in
+gputrace_outbox_parked_total and listed by `gputrace ops parked`; the rows behind it go on.
+Outages (broker, database) are retried without end and never park a row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from sqlalchemy import delete, insert, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTimestampError,
+    InvalidTopicError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    UnsupportedForMessageFormatError,
+)
+from aiokafka.structs import OffsetAndMetadata
+from sqlalchemy import Row, delete, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.cloudevents import CloudEvent
-from shared.db import OutboxMessage, ProcessedMessage, is_postgres, utcnow
-from shared.observability import OUTBOX_BACKLOG, OUTBOX_PUBLISHED
+from shared.contract import MAX_RECORD_BYTES
+from shared.db import OutboxMessage, ParkedOutboxMessage, ProcessedMessage, is_postgres, utcnow
+from shared.observability import OUTBOX_BACKLOG, OUTBOX_PARKED, OUTBOX_PUBLISHED
+from shared.topics import RELAY_PROGRESS_TOPIC
 
 log = logging.getLogger(__name__)
 
 RELAY_BATCH = 1000
+# A round's values at most, so that its transaction ends well within TRANSACTION_TIMEOUT_MS.
+RELAY_BYTES = 16 * 1024 * 1024
+# A transaction left open by a relay killed mid-round holds back read_committed readers of its
+# partitions until the service restarts (its new producer aborts it) or until this timeout.
+TRANSACTION_TIMEOUT_MS = 20_000
+# The progress is offset metadata, which the broker caps (offset.metadata.max.bytes, 4096).
+PROGRESS_CHARS = 3500
+PROGRESS_PARTITION = TopicPartition(RELAY_PROGRESS_TOPIC, 0)
+
+# The broker's refusals of a record itself, not of its health: the same record would be refused
+# again, so it is parked. Every other error (connection, timeout, leader moved, ...) is an outage.
+RECORD_REFUSED: tuple[type[Exception], ...] = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordException,
+    InvalidTimestampError,
+    InvalidTopicError,
+    UnsupportedForMessageFormatError,
+)
+
+OUTBOX = OutboxMessage.__table__  # type: ignore[attr-defined]
+PARKED = ParkedOutboxMessage.__table__  # type: ignore[attr-defined]
 
 
 _PENDING = "gputrace.pending"
@@ -80,9 +133,88 @@ def enqueue(session: AsyncSession, topic: str, event: CloudEvent) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Progress:
+    """What the relay's last committed transaction published: outbox ids and a digest of the rows.
+
+    The digest tells those rows from later ones that reuse their ids (SQLite reuses the highest id
+    once its row is gone), so only rows that really were published are ever deleted unsent."""
+
+    ids: tuple[int, ...]
+    digest: str
+
+    @classmethod
+    def of(cls, rows: Sequence[Row[Any]]) -> Progress:
+        return cls(tuple(r.id for r in rows), _digest(rows))
+
+    def encode(self) -> str:
+        return f"v1:{self.digest}:{_ranges(self.ids)}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> Progress | None:
+        if not text or not text.startswith("v1:"):
+            return None
+        _, digest, ranges = text.split(":", 2)
+        ids: list[int] = []
+        for part in filter(None, ranges.split(",")):
+            first, _, last = part.partition("-")
+            ids.extend(range(int(first), int(last or first) + 1))
+        return cls(tuple(ids), digest)
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    """1,2,3,5,7,8 -> "1-3,5,7-8": a round's ids are mostly consecutive."""
+    parts: list[str] = []
+    start = prev = None
+    for i in ids:
+        if prev is not None and i == prev + 1:
+            prev = i
+            continue
+        if start is not None:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+        start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else str(start))
+    return ",".join(parts)
+
+
+def _digest(rows: Sequence[Row[Any]]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        for part in (str(r.id).encode(), r.topic.encode(), r.key or b"", r.value, r.headers.encode()):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+    return h.hexdigest()[:32]
+
+
+def _fit(rows: Sequence[Row[Any]]) -> list[Row[Any]]:
+    """The longest head of `rows` whose progress fits in offset metadata and whose values fit in
+    RELAY_BYTES (always at least one row)."""
+    fitted: list[Row[Any]] = []
+    size = 0
+    for row in rows:
+        size += len(row.value)
+        if fitted and (size > RELAY_BYTES or len(_ranges([*(r.id for r in fitted), row.id])) > PROGRESS_CHARS):
+            break
+        fitted.append(row)
+    return fitted
+
+
+def _headers(stored: str) -> list[tuple[str, bytes]]:
+    return [(str(k), v.encode()) for k, v in json.loads(stored)]
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+class _ProducerSpoiled(Exception):
+    """The broker refused a record inside a transaction: aiokafka's producer cannot go on after
+    that (its sequence numbers are off), so the leader starts a new one and carries on."""
+
+
 class OutboxRelay:
-    """Publishes the outbox of one service database. One relay publishes at a time (per service),
-    guarded by a PostgreSQL advisory lock, so per-key order survives scaling out."""
+    """Publishes the outbox of one service database, exactly once (see the module's docstring)."""
 
     def __init__(
         self,
@@ -91,6 +223,8 @@ class OutboxRelay:
         sessions: async_sessionmaker[AsyncSession],
         bootstrap_servers: str,
         poll_seconds: float = 0.5,
+        *,
+        group_prefix: str = "gputrace",
     ) -> None:
         self.service = service
         self._engine = engine
@@ -99,21 +233,18 @@ class OutboxRelay:
         self._poll = poll_seconds
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._producer: AIOKafkaProducer | None = None
+        # One id per service (and per deployment sharing a broker): the fencing unit. It also
+        # names the group whose offset metadata carries the progress.
+        self.transactional_id = f"{group_prefix}-{service}-outbox"
         # Stable per service so every replica contends for the same lock.
         self._lock_id = int.from_bytes(service.encode()[:8].ljust(8, b"\0"), "big") & 0x7FFF_FFFF_FFFF_FFFF
+        # After a refused round, its rows go one per transaction, to find the one the broker refuses.
+        self._one_by_one_until = 0
+        self.leading = False
         # Told after every round, with its exception if it failed (shared.health: readiness).
         self.on_round: Callable[[BaseException | None], None] = lambda error: None
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=5,
-            client_id=f"gputrace-{self.service}-outbox",
-        )
-        await self._producer.start()
         self._task = asyncio.create_task(self._run(), name=f"{self.service}-outbox-relay")
 
     async def stop(self) -> None:
@@ -123,62 +254,221 @@ class OutboxRelay:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._producer:
-            await self._producer.stop()
 
     def wake(self) -> None:
         self._wake.set()
 
+    async def _idle(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=self._poll)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
     async def _run(self) -> None:
         while True:
             try:
-                published = await self.publish_pending()
+                await self._lead()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Kafka or the database is away: keep the rows, try again after a pause.
+                # Kafka or the database is away (or this relay was fenced): the rows stay in the
+                # table; lead again after a pause, fencing and reconciling first.
                 log.exception("outbox relay failed; retrying")
                 self.on_round(exc)
                 await asyncio.sleep(1.0)
-                continue
-            self.on_round(None)
-            if published >= RELAY_BATCH:
-                continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._poll)
-            except TimeoutError:
-                pass
-            self._wake.clear()
 
-    async def publish_pending(self) -> int:
-        assert self._producer is not None
-        async with self._sessions() as session, session.begin():
-            if is_postgres(self._engine):
-                got = await session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self._lock_id})
-                if not got.scalar():
-                    return 0
-            rows = (
-                (await session.execute(select(OutboxMessage).order_by(OutboxMessage.id).limit(RELAY_BATCH)))
-                .scalars()
-                .all()
-            )
+    async def _lead(self) -> None:
+        async with self._engine.connect() as conn:
+            try:
+                await self._acquire(conn)
+                self.leading = True
+                while True:
+                    producer = self._producer()
+                    await producer.start()  # init_transactions: fences and settles older producers
+                    try:
+                        await self._reconcile(conn)
+                        await self._rounds(conn, producer)
+                    except _ProducerSpoiled:
+                        continue
+                    finally:
+                        await producer.stop()
+            finally:
+                self.leading = False
+                # Closing the connection (not returning it to the pool) releases the session lock.
+                await conn.invalidate()
+
+    async def _acquire(self, conn: AsyncConnection) -> None:
+        """Wait until this relay holds the service's lock (PostgreSQL; SQLite has one process)."""
+        if not is_postgres(self._engine):
+            return
+        while True:
+            async with conn.begin():
+                got = await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._lock_id})
+            if got:
+                return
+            self.on_round(None)  # a standby is as ready as the leader
+            await self._idle()
+
+    def _producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            transactional_id=self.transactional_id,
+            transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+            acks="all",
+            linger_ms=5,
+            max_request_size=MAX_RECORD_BYTES,
+            client_id=f"gputrace-{self.service}-outbox",
+        )
+
+    async def _rounds(self, conn: AsyncConnection, producer: AIOKafkaProducer) -> None:
+        while True:
+            handled = await self._round(conn, producer)
+            self.on_round(None)
+            if handled < RELAY_BATCH:
+                await self._idle()
+
+    async def _reconcile(self, conn: AsyncConnection) -> int:
+        """Delete the rows the last committed transaction published, if they are still here (a crash
+        came between Kafka's commit and the DELETE). Runs after the producer fenced its elders, so
+        that progress is final. Returns how many rows it deleted."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, client_id=f"gputrace-{self.service}-outbox")
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(self.transactional_id, partitions=[PROGRESS_PARTITION])
+        finally:
+            await admin.close()
+        committed = offsets.get(PROGRESS_PARTITION)
+        progress = Progress.decode(committed.metadata if committed else None)
+        if progress is None:
+            return 0
+        async with conn.begin():
+            rows = (await conn.execute(select(OUTBOX).where(OUTBOX.c.id.in_(progress.ids)).order_by(OUTBOX.c.id))).all()
             if not rows:
-                OUTBOX_BACKLOG.labels(self.service).set(0)
                 return 0
-            # send() appends to the producer's buffer in call order; awaiting the futures after
-            # all sends lets one batch fly while keeping the order within each partition.
-            futures = [
-                await self._producer.send(
-                    row.topic,
-                    value=row.value,
-                    key=row.key,
-                    headers=[(k, v.encode()) for k, v in json.loads(row.headers)],
+            if len(rows) != len(progress.ids) or _digest(rows) != progress.digest:
+                # The DELETE had committed; these are newer rows that reuse the ids.
+                return 0
+            await conn.execute(delete(OUTBOX).where(OUTBOX.c.id.in_(progress.ids)))
+        log.warning(
+            "%d outbox row(s) were published before a crash but not deleted: deleted now, not sent again",
+            len(rows),
+            extra={"service": self.service, "outbox_ids": _ranges(progress.ids)},
+        )
+        return len(rows)
+
+    async def _round(self, conn: AsyncConnection, producer: AIOKafkaProducer) -> int:
+        """Publish the oldest rows in one transaction with the progress, then delete them (and park
+        those that can never be sent). Returns how many rows left the outbox."""
+        limit = RELAY_BATCH if not self._one_by_one_until else 1
+        async with conn.begin():
+            rows = (await conn.execute(select(OUTBOX).order_by(OUTBOX.c.id).limit(limit))).all()
+        if not rows:
+            self._one_by_one_until = 0
+            OUTBOX_BACKLOG.labels(self.service).set(0)
+            return 0
+        if rows[0].id > self._one_by_one_until:
+            self._one_by_one_until = 0
+        rows = _fit(rows)
+        try:
+            sent, parked = await self._publish(producer, rows)
+        except RECORD_REFUSED as exc:
+            # The transaction was aborted: nothing of it is visible. Alone, the row is the culprit;
+            # in a group, find it by sending the group's rows one per transaction.
+            if len(rows) == 1:
+                await self._settle(conn, [], [(rows[0], _reason(exc))])
+            else:
+                log.warning("the broker refused a record of this round (%s); sending its rows one by one", exc)
+                self._one_by_one_until = rows[-1].id
+            raise _ProducerSpoiled from exc
+        await self._settle(conn, sent, parked)
+        OUTBOX_BACKLOG.labels(self.service).set(0 if len(rows) < RELAY_BATCH else len(rows))
+        return len(rows)
+
+    async def _publish(
+        self, producer: AIOKafkaProducer, rows: Sequence[Row[Any]]
+    ) -> tuple[list[Row[Any]], list[tuple[Row[Any], str]]]:
+        sent: list[Row[Any]] = []
+        parked: list[tuple[Row[Any], str]] = []
+        async with producer.transaction():
+            futures = []
+            for row in rows:
+                try:
+                    # send() appends to the producer's buffer in call order; awaiting the futures
+                    # after all sends lets one batch fly while keeping the order within a partition.
+                    futures.append(
+                        await producer.send(row.topic, value=row.value, key=row.key, headers=_headers(row.headers))
+                    )
+                except (MessageSizeTooLargeError, ValueError, TypeError) as exc:
+                    # Refused before it left this process (too large, malformed): the transaction
+                    # is unharmed, the row is parked.
+                    parked.append((row, _reason(exc)))
+                    continue
+                sent.append(row)
+            if sent:
+                progress = OffsetAndMetadata(sent[-1].id, Progress.of(sent).encode())
+                await producer.send_offsets_to_transaction({PROGRESS_PARTITION: progress}, self.transactional_id)
+                await asyncio.gather(*futures)
+        return sent, parked
+
+    async def _settle(self, conn: AsyncConnection, sent: list[Row[Any]], parked: list[tuple[Row[Any], str]]) -> None:
+        ids = [r.id for r in sent] + [r.id for r, _ in parked]
+        async with conn.begin():
+            if parked:
+                await conn.execute(
+                    insert(PARKED),
+                    [
+                        {
+                            "outbox_id": r.id,
+                            "topic": r.topic,
+                            "key": r.key,
+                            "value": r.value,
+                            "headers": r.headers,
+                            "created_at": r.created_at,
+                            "reason": reason,
+                            "parked_at": utcnow(),
+                        }
+                        for r, reason in parked
+                    ],
                 )
-                for row in rows
-            ]
-            await asyncio.gather(*futures)
-            # By id list, not a range: a row with a lower id may commit after this select.
-            await session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_([r.id for r in rows])))
-            OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
-            OUTBOX_BACKLOG.labels(self.service).set(0 if len(rows) < RELAY_BATCH else len(rows))
-            return len(rows)
+            # By id list, not a range: a row with a lower id may commit after the select.
+            await conn.execute(delete(OUTBOX).where(OUTBOX.c.id.in_(ids)))
+        OUTBOX_PUBLISHED.labels(self.service).inc(len(sent))
+        for row, reason in parked:
+            OUTBOX_PARKED.labels(self.service, reason.split(":", 1)[0]).inc()
+            log.error(
+                "outbox row %s can never be sent: parked (gputrace ops parked)",
+                row.id,
+                extra={"service": self.service, "topic": row.topic, "bytes": len(row.value), "reason": reason},
+            )
+
+
+@dataclass(frozen=True)
+class ParkedRow:
+    id: int
+    outbox_id: int
+    topic: str
+    key: str
+    size: int
+    reason: str
+    created_at: str
+    parked_at: str
+
+
+async def list_parked(engine: AsyncEngine, limit: int = 100) -> list[ParkedRow]:
+    """The parked rows of one service database, oldest first (for `gputrace ops parked`)."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(PARKED).order_by(PARKED.c.id).limit(limit))).all()
+    return [
+        ParkedRow(
+            id=r.id,
+            outbox_id=r.outbox_id,
+            topic=r.topic,
+            key=(r.key or b"").decode("utf-8", "replace"),
+            size=len(r.value),
+            reason=r.reason,
+            created_at=r.created_at.isoformat(),
+            parked_at=r.parked_at.isoformat(),
+        )
+        for r in rows
+    ]

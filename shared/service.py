@@ -114,7 +114,12 @@ class Service:
             middlewares=(self.readiness.middleware(),),
         )
         self.relay = OutboxRelay(
-            name, self.engine, self.sessions, self.settings.kafka_bootstrap_servers, self.settings.outbox_poll_seconds
+            name,
+            self.engine,
+            self.sessions,
+            self.settings.kafka_bootstrap_servers,
+            self.settings.outbox_poll_seconds,
+            group_prefix=self.settings.consumer_group_prefix,
         )
         self.relay.on_round = self.readiness.note_relay_round
         self._subscribe()
@@ -129,6 +134,8 @@ class Service:
             max_records=self.settings.batch_max_records,
             batch_timeout_ms=self.settings.batch_timeout_ms,
             auto_offset_reset="earliest",
+            # Decisions come from transactional relays (shared.outbox): aborted records never count.
+            isolation_level="read_committed",
             # Offsets are committed after the handler returned, i.e. after the database commit;
             # on an exception the consumer seeks back and the batch comes again.
             ack_policy=AckPolicy.NACK_ON_ERROR,

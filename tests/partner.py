@@ -1,5 +1,5 @@
 """A partner system as an integrator would write one: plain aiokafka, signing done here from the
-contract's words (design.md §4), not with the project's own publisher. If the project's
+contract's words (docs/partner-contract.md), not with the project's own publisher. If the project's
 verification drifts from the contract, these tests notice."""
 
 from __future__ import annotations
@@ -112,11 +112,19 @@ def _aggregate(data: dict[str, Any]) -> str:
 
 
 class TopicWatcher:
-    """Reads a topic from the beginning in the background; tests wait for what they expect."""
+    """Reads a topic from the beginning in the background; tests wait for what they expect.
 
-    def __init__(self, bootstrap: str, *topics: str) -> None:
+    Reads as the contract tells partners to: isolation.level=read_committed, so `records` holds
+    every raw record a partner sees (copies included: tests count them, not distinct ids)."""
+
+    def __init__(self, bootstrap: str, *topics: str, isolation_level: str = "read_committed") -> None:
         self._consumer = AIOKafkaConsumer(
-            *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False
+            *topics,
+            bootstrap_servers=bootstrap,
+            auto_offset_reset="earliest",
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level=isolation_level,
         )
         self.records: list[Any] = []
         self.by_event: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -123,7 +123,12 @@ async def gputrace_pipeline(bootstrap: str, keys: Path, db_urls: dict[str, str],
     outcome is out and every decision is in the ledger's Merkle log."""
     async with PartnerClient(bootstrap, keys) as client:
         records = [client.record("kdb", "pledge.committed.v1", pledge(i, run))[:3] for i in range(n)]
-    consumer = AIOKafkaConsumer("gputrace.outcomes.v1", bootstrap_servers=bootstrap, auto_offset_reset="latest")
+    consumer = AIOKafkaConsumer(
+        "gputrace.outcomes.v1",
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest",
+        isolation_level="read_committed",  # as the contract asks of partners
+    )
     await consumer.start()
     await consumer.seek_to_end()
     t0 = time.perf_counter()
