@@ -10,8 +10,8 @@ STAMP := $(VENV)/.installed-stamp
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-run: install ## Start Kafka and every service on this machine (no Docker); Ctrl-C stops all
-	$(BIN)/gputrace run
+run: install ## Start Kafka and every service on this machine (no Docker); Ctrl-C stops all (ARGS="--kafka-port 0")
+	$(BIN)/gputrace run $(ARGS)
 
 test: install ## The whole test suite against real Kafka 4.x and PostgreSQL (started by the tests)
 	$(BIN)/pytest

@@ -167,3 +167,10 @@ def test_dockerfile_copies_what_exists_and_runs_as_non_root() -> None:
     users = [line.split()[1] for line in lines if line.upper().startswith("USER ")]
     assert users and users[-1] not in {"root", "0"}, "the image must run as a non-root user"
     assert any(line.upper().startswith("FROM PYTHON:3.11") for line in lines)
+
+
+@pytest.mark.parametrize("name", [n for n in OURS if n in LONG_RUNNING])
+def test_gputrace_services_are_healthy_only_when_ready(name: str) -> None:
+    # /healthz only says the process runs; /readyz that it consumes, publishes and reaches Kafka.
+    check = " ".join(SERVICES_YML[name]["healthcheck"]["test"])
+    assert "/readyz" in check and "/healthz" not in check, check
