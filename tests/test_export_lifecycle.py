@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from services.export_controls.domain import Case, RuleBook, lifecycle, load_rulebook
+from services.export_controls.domain import Case, RuleBook, RulesetDataError, lifecycle, load_rulebook
 from shared.contract import LicenseDenied, LicenseGranted, ReasonCode
 from shared.decisions import RuleBroken
 from shared.facts import AwardFacts
@@ -112,6 +112,18 @@ def test_a_pinned_rule_set_decides_whatever_the_date() -> None:
     result = lifecycle.open_case(award(), pinned, {})
     assert result.evaluation.ruleset.id == "acr-2023" and result.evaluation.ruleset.selected_by == "explicit"
     assert lifecycle.quotas_read(award(), pinned) == []  # acr-2023 has no quotas to read
+
+
+def test_a_data_fault_is_an_error_never_a_rejection() -> None:
+    # One that slipped past the start-up checks (a group defined in terms of itself): it must
+    # propagate, so the mechanism retries the award and dead-letters it after the cap, instead
+    # of writing a partner's rejection into the ledger.
+    aid = next(rs for rs in BOOK.rulesets if rs.id == "ai-diffusion-2025")
+    looping = {**aid.groups, "TIER3": aid.groups["TIER3"].model_copy(update={"include": ["TIER3"]})}
+    broken = aid.model_copy(update={"groups": looping})
+    book = RuleBook(BOOK.rulesets, BOOK.catalogue, BOOK.screener, pinned=broken)
+    with pytest.raises(RulesetDataError, match="itself"):
+        lifecycle.open_case(award(), book, {})
 
 
 # --- when quotas count ----------------------------------------------------------------------------
