@@ -192,9 +192,23 @@ def _declare_publishers(service: Any) -> None:
     so the broker would not know them; declaring them here touches only this process's broker."""
     writes = []
     if service.name in SERVICES:
-        writes.append((decisions_topic(service.name), "Every decision this service takes."))
+        writes.append(
+            (
+                decisions_topic(service.name),
+                "Every decision this service takes, published exactly once in Kafka transactions: "
+                "read with isolation.level=read_committed. ce_id is the decision id, stable across redeliveries.",
+            )
+        )
     if any(t not in DECISION_TOPICS for t in service.topics):
-        writes.append((OUTCOMES_TOPIC, "One outcome per partner event, keyed by the sending party."))
+        writes.append(
+            (
+                OUTCOMES_TOPIC,
+                "One outcome per partner event, keyed by the sending party, published exactly once in Kafka "
+                "transactions: read with isolation.level=read_committed (a read_uncommitted reader may see "
+                "records of aborted transactions). ce_id is the decision id, stable: deduplicate on it if you "
+                "cannot read committed.",
+            )
+        )
     writes.append((DLQ_TOPIC, "Records that are not readable events, with their bytes and the reason."))
     for topic, description in writes:
         service.broker.publisher(topic, title=f"{topic}:Publish", description=description)

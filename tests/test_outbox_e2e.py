@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -167,6 +168,30 @@ async def test_the_crash_test_sees_a_second_copy(
     await drained(engine)
     await second.stop()
     assert await read_topic(kafka_bootstrap, topic) == [b"a", b"b", b"a", b"b"]
+
+
+async def test_rows_that_reuse_published_ids_are_not_taken_for_published_ones(
+    kafka_bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    """SQLite (the embedded default) gives a new row the highest id + 1, so once the outbox is empty
+    the ids of published rows come back. The progress's digest keeps a new leader from deleting
+    such new rows unsent."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'svc.db'}")
+    await create_tables(engine, [])
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    first = relay_for(engine, kafka_bootstrap, prefix)
+    old = await enqueue(engine, topic, [b"old-1", b"old-2"])
+    await first.start()
+    await drained(engine)
+    await first.stop()
+    new = await enqueue(engine, topic, [b"new-1", b"new-2"])
+    assert [r["id"] for r in new] == [r["id"] for r in old]  # the premise: ids reused
+    second = relay_for(engine, kafka_bootstrap, prefix)
+    await second.start()
+    await drained(engine)
+    await second.stop()
+    await engine.dispose()
+    assert await read_topic(kafka_bootstrap, topic) == [b"old-1", b"old-2", b"new-1", b"new-2"]
 
 
 def metric(name: str, **labels: str) -> float:
