@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help run test install lint format fetch-kafka demo bench up down logs docs clean
+.PHONY: help run test install lint format fetch-kafka demo bench chaos up down logs docs clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ demo: install ## Publish a realistic programme against whatever is running (make
 
 bench: install ## Throughput against raw aiokafka and raw PostgreSQL in the same run (EVENTS=5000)
 	$(BIN)/python -m tests.benchmarks.bench_pipeline --events $${EVENTS:-5000}
+
+chaos: install ## Seeded SIGKILLs of every service, the broker and PostgreSQL under load (EVENTS=20000 SEED=1)
+	$(BIN)/python -m tests.chaos --events $${EVENTS:-20000} --seed $${SEED:-1}
 
 up: ## docker compose up (needs a Docker engine)
 	docker compose up -d --build
