@@ -160,6 +160,12 @@ def _parse_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+# Built once: json.loads with hooks would build a decoder per call.
+_DECODER = json.JSONDecoder(
+    parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant, object_pairs_hook=_parse_object
+)
+
+
 def parse_json(value: bytes) -> Any:
     """UTF-8 JSON within the number limits (ints ±(2^53 − 1), finite), no repeated member names.
     Raises UnreadableRecord when the bytes are not UTF-8 JSON, _Limit when they break a limit;
@@ -169,13 +175,7 @@ def parse_json(value: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise UnreadableRecord(f"record value is not UTF-8: {exc}") from exc
     try:
-        return json.loads(
-            text,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
-            parse_constant=_parse_constant,
-            object_pairs_hook=_parse_object,
-        )
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise UnreadableRecord(f"record value is not JSON: {exc}") from exc
 
@@ -198,8 +198,44 @@ def _text_problem(text: str, limit: int) -> str | None:
     return None
 
 
+def _within_limits(data: dict[str, Any]) -> bool:
+    """The fast pass over every event: no paths built. Iterative: depth is what it checks."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > MAX_DEPTH:
+                return False
+            for name, item in node.items():
+                if not _plain(name):
+                    return False
+                if isinstance(item, dict | list):
+                    stack.append((item, depth + 1))
+                elif isinstance(item, str) and not _plain(item):
+                    return False
+        elif isinstance(node, list):
+            if depth > MAX_DEPTH:
+                return False
+            for item in node:
+                if isinstance(item, dict | list):
+                    stack.append((item, depth + 1))
+                elif isinstance(item, str) and not _plain(item):
+                    return False
+    return True
+
+
+def _plain(text: str) -> bool:
+    return (
+        len(text) <= MAX_STRING_CHARS
+        and "\x00" not in text
+        and (text.isascii() or _text_problem(text, MAX_STRING_CHARS) is None)
+    )
+
+
 def _data_problem(data: dict[str, Any]) -> str | None:
-    """The first way `data` breaks the limits, or None. Iterative: depth is what it checks."""
+    """The first way `data` breaks the limits, or None; the message names where."""
+    if _within_limits(data):
+        return None
     stack: list[tuple[Any, int, str]] = [(data, 1, "data")]
     while stack:
         node, depth, where = stack.pop()
