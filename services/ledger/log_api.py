@@ -58,6 +58,31 @@ class CheckpointJSON(BaseModel):
     signed_at: datetime
 
 
+class PublicKey(BaseModel):
+    origin: str
+    key_name: str
+    vkey: str = Field(description="C2SP signed-note verifier key: name+hash+base64(0x01 || key)")
+    public_key: str = Field(description="standard base64 of the raw 32-byte Ed25519 public key")
+
+
+class Entry(BaseModel):
+    leaf_index: int
+    entry: str = Field(description="the canonical JSON (RFC 8785) that was hashed, byte for byte")
+    leaf_hash: str = Field(description="standard base64 of the RFC 9162 leaf hash the server stored")
+
+
+class InclusionProof(BaseModel):
+    leaf_index: int
+    tree_size: int
+    proof: list[str] = Field(description="standard base64 hashes, leaf to root")
+
+
+class ConsistencyProof(BaseModel):
+    first: int
+    second: int
+    proof: list[str] = Field(description="standard base64 hashes")
+
+
 _CHECKPOINT_CONTENT: dict[str, Any] = {
     "description": "The signed note (`format=note`, the default) or its parts (`format=json`)",
     "model": CheckpointJSON,
@@ -168,7 +193,7 @@ async def get_past_checkpoint(
 
 
 @log_router.get("/public-key", summary="The log's origin and Ed25519 verifier key (public)")
-async def get_public_key(request: Request) -> dict[str, str]:
+async def get_public_key(request: Request) -> PublicKey:
     settings = request.app.state.settings
     public_key = getattr(request.app.state, "log_public_key", None)
     if public_key is None:
@@ -177,12 +202,7 @@ async def get_public_key(request: Request) -> dict[str, str]:
     # The appender signs with the origin as the key name, as C2SP recommends.
     origin = settings.ledger_origin
     raw = public_key.public_bytes_raw()
-    return {
-        "origin": origin,
-        "key_name": origin,
-        "vkey": make_vkey(origin, public_key),
-        "public_key": b64(raw),
-    }
+    return PublicKey(origin=origin, key_name=origin, vkey=make_vkey(origin, public_key), public_key=b64(raw))
 
 
 @log_router.get(
@@ -197,7 +217,7 @@ async def get_entries(
     end: Annotated[
         int | None, Query(ge=1, le=BIGINT_MAX, description=f"exclusive; default min(start + {MAX_ENTRIES}, size)")
     ] = None,
-) -> list[dict[str, Any]]:
+) -> list[Entry]:
     size = await _current_size(session)
     if start < 0:
         raise _bad(f"start must be >= 0, got {start}")
@@ -221,7 +241,7 @@ async def get_entries(
     if len(rows) != end - start:
         # Below the head every index exists; a gap is storage damage and must not look like success.
         raise HTTPException(500, f"log entries missing in [{start}, {end}): found {len(rows)}")
-    return [{"leaf_index": i, "entry": entry, "leaf_hash": b64(h)} for i, entry, h in rows]
+    return [Entry(leaf_index=i, entry=entry, leaf_hash=b64(h)) for i, entry, h in rows]
 
 
 @log_router.get(
@@ -243,7 +263,7 @@ async def get_inclusion_proof(
             description="standard base64 of the 32-byte leaf hash ('+' and '/' URL-encoded)",
         ),
     ] = None,
-) -> dict[str, Any]:
+) -> InclusionProof:
     size = await _current_size(session)
     tree_size = size if tree_size is None else tree_size
     _check_tree_size(tree_size, size)
@@ -256,7 +276,7 @@ async def get_inclusion_proof(
         raise _bad(f"leaf_index {leaf_index} is not in a tree of size {tree_size}")
     nodes = await fetch_nodes(session, merkle.inclusion_proof_coords(leaf_index, tree_size))
     proof = merkle.inclusion_proof(leaf_index, tree_size, nodes)
-    return {"leaf_index": leaf_index, "tree_size": tree_size, "proof": [b64(p) for p in proof]}
+    return InclusionProof(leaf_index=leaf_index, tree_size=tree_size, proof=[b64(p) for p in proof])
 
 
 @log_router.get(
@@ -269,7 +289,7 @@ async def get_consistency_proof(
     session: Session,
     first: Size,
     second: Annotated[int | None, Query(ge=0, le=BIGINT_MAX, description="default: the current size")] = None,
-) -> dict[str, Any]:
+) -> ConsistencyProof:
     size = await _current_size(session)
     second = size if second is None else second
     if first < 0 or second < first:
@@ -278,7 +298,7 @@ async def get_consistency_proof(
         raise _beyond("second", second, size)
     nodes = await fetch_nodes(session, merkle.consistency_proof_coords(first, second))
     proof = merkle.consistency_proof(first, second, nodes)
-    return {"first": first, "second": second, "proof": [b64(p) for p in proof]}
+    return ConsistencyProof(first=first, second=second, proof=[b64(p) for p in proof])
 
 
 __all__ = ["MAX_ENTRIES", "log_router"]
