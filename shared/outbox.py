@@ -189,14 +189,23 @@ def _digest(rows: Sequence[Row[Any]]) -> str:
 
 def _fit(rows: Sequence[Row[Any]]) -> list[Row[Any]]:
     """The longest head of `rows` whose progress fits in offset metadata and whose values fit in
-    RELAY_BYTES (always at least one row)."""
+    RELAY_BYTES (always at least one row). The progress's length is kept as it grows: ids extend
+    the last range or open a new one."""
     fitted: list[Row[Any]] = []
-    size = 0
+    size = chars = last = 0
+    start = prev = None
     for row in rows:
         size += len(row.value)
-        if fitted and (size > RELAY_BYTES or len(_ranges([*(r.id for r in fitted), row.id])) > PROGRESS_CHARS):
+        extends = prev is not None and row.id == prev + 1
+        grown = len(f"{start}-{row.id},") if extends else len(f"{row.id},")
+        total = chars - last + grown if extends else chars + grown
+        if fitted and (size > RELAY_BYTES or total > PROGRESS_CHARS):
             break
         fitted.append(row)
+        chars, last = total, grown
+        if not extends:
+            start = row.id
+        prev = row.id
     return fitted
 
 
