@@ -26,12 +26,16 @@ _DYNAMIC_TOPIC_CONFIG = 1
 
 
 async def ensure_topics(
-    bootstrap_servers: str, topics: dict[str, int] | None = None, replication: int = 1, wait_seconds: float = 60
+    bootstrap_servers: str,
+    topics: dict[str, int] | None = None,
+    replication: int = 1,
+    wait_seconds: float = 60,
+    configs: dict[str, dict[str, str]] | None = None,
 ) -> list[str]:
     """Create the missing topics and align the configs of existing ones; returns the names created.
     Waits for the broker to answer."""
     wanted = topics or {**TOPIC_PARTITIONS, **INTERNAL_TOPICS}
-    configs = {**TOPIC_CONFIGS, **_INTERNAL_CONFIGS}
+    configs = configs or {**TOPIC_CONFIGS, **_INTERNAL_CONFIGS}
     deadline = asyncio.get_running_loop().time() + wait_seconds
     while True:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="gputrace-topics")

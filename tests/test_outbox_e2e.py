@@ -18,13 +18,14 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from prometheus_client import REGISTRY
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from shared.cli import app
-from shared.contract import MAX_RECORD_BYTES
+from shared.contract import MAX_RECORD_BYTES, TOPIC_PARTITIONS
 from shared.db import OutboxMessage, ParkedOutboxMessage, create_tables, make_engine, session_factory
 from shared.outbox import OutboxRelay
 from shared.topics import ensure_topics
@@ -337,6 +338,28 @@ async def test_a_zombie_relay_is_fenced_and_its_records_are_never_read(
     await asyncio.sleep(0.5)
     await watcher.stop()
     assert [r.value for r in watcher.records] == values
+
+
+async def test_topics_accept_every_record_the_relay_lets_through(kafka_bootstrap: str) -> None:
+    """max.message.bytes of every topic is the relay producer's max_request_size, also on a topic
+    that existed before (its other overrides kept)."""
+    await ensure_topics(kafka_bootstrap)
+    old = f"outbox-test-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(old, 1, 1, topic_configs={"segment.ms": "3600000"})])
+        declared = {old: {"max.message.bytes": str(MAX_RECORD_BYTES)}}
+        await ensure_topics(kafka_bootstrap, {old: 1}, configs=declared)
+        names = [*TOPIC_PARTITIONS, old]
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in names])
+        configs = {res[3]: {e[0]: e[1] for e in res[4]} for response in responses for res in response.resources}
+    finally:
+        await admin.close()
+    assert {t: configs[t]["max.message.bytes"] for t in names} == {t: str(MAX_RECORD_BYTES) for t in names}
+    assert configs[old]["segment.ms"] == "3600000"
+    producer = relay_for(make_engine("sqlite+aiosqlite://"), kafka_bootstrap, "t")._producer()
+    assert producer._max_request_size == MAX_RECORD_BYTES
 
 
 async def test_an_aborted_transaction_is_invisible_to_our_readers(kafka_bootstrap: str, topic: str) -> None:
