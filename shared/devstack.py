@@ -114,7 +114,7 @@ class Stack:
     def ready_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}/readyz"
 
-    def wait_ready(self, timeout: float = 60, names: tuple[str, ...] | None = None) -> None:
+    def wait_ready(self, timeout: float = 120, names: tuple[str, ...] | None = None) -> None:
         """Every service answers /readyz with 200: its tables exist, its subscriber and relay run,
         and the broker answers (shared.health)."""
         deadline = time.monotonic() + timeout

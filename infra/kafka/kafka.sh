@@ -15,7 +15,7 @@
 # answer on the port comes from the java process it started: never from someone else's broker.
 #
 # Env: KAFKA_VERSION (default below), GPUTRACE_CACHE, KAFKA_HEAP_OPTS, KAFKA_JVM_OPTS,
-#      KAFKA_START_TIMEOUT (seconds, default 90).
+#      KAFKA_START_TIMEOUT (seconds, default 180: a loaded 2-core box can take over 90 s to start it).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -258,7 +258,7 @@ cmd_start() {
         >"$DIR/logs/kafka.out" 2>&1 </dev/null &
     pid=$!
     echo "$pid" >"$PIDFILE"
-    local deadline=$((SECONDS + ${KAFKA_START_TIMEOUT:-90}))
+    local deadline=$((SECONDS + ${KAFKA_START_TIMEOUT:-180}))
     # Ours answering, not just anyone: the port must be held by the java we started.
     until probe "$PORT" && owns_port "$pid" "$PORT"; do
         if ! kill -0 "$pid" 2>/dev/null; then
@@ -270,7 +270,7 @@ cmd_start() {
         fi
         if ((SECONDS >= deadline)); then
             tail -n 40 "$DIR/logs/server.log" >&2 2>/dev/null || true
-            die "broker not ready after ${KAFKA_START_TIMEOUT:-90}s (pid $pid, logs in $DIR/logs)"
+            die "broker not ready after ${KAFKA_START_TIMEOUT:-180}s (pid $pid, logs in $DIR/logs)"
         fi
         sleep 0.1
     done
