@@ -342,7 +342,12 @@ class RawTally:
 
     async def _run(self) -> None:
         while True:
-            batches = await self._consumer.getmany(timeout_ms=500, max_records=2000)
+            try:
+                batches = await self._consumer.getmany(timeout_ms=500, max_records=2000)
+            except Exception as exc:  # the broker restarting: keep reading, never stop counting
+                print(f"  tally: {type(exc).__name__}: {exc}", file=sys.stderr)
+                await asyncio.sleep(1)
+                continue
             for records in batches.values():
                 for rec in records:
                     self._add(rec.topic, rec.value)
@@ -374,7 +379,13 @@ class RawTally:
     async def settle(self, event_ids: Iterable[str], timeout: float, quiet: float = 3.0) -> bool:
         """Wait for an outcome of every event, then `quiet` more seconds for any late copy."""
         wanted = set(event_ids)
-        done = await self.wait(lambda: all(e in self.outcomes for e in wanted), timeout)
+        deadline = time.monotonic() + timeout
+        done = False
+        while not done and time.monotonic() < deadline:
+            done = await self.wait(lambda: all(e in self.outcomes for e in wanted), min(30.0, timeout))
+            if not done:
+                have = sum(1 for e in wanted if e in self.outcomes)
+                print(f"  waiting for outcomes: {have} of {len(wanted)}", file=sys.stderr)
         await asyncio.sleep(quiet)
         return done
 
@@ -585,6 +596,19 @@ class Faults:
     def __init__(self, stack: Stack, kafka: LocalKafka | None, pg: LocalPostgres | None, lag: Lag) -> None:
         self.stack, self.kafka, self.pg, self.lag = stack, kafka, pg, lag
         self.watching: list[asyncio.Task[None]] = []
+        self.down: set[str] = set()  # services we killed and have not started again yet
+        self.exits: Counter[str] = Counter()  # services that exited on their own
+
+    async def supervise(self, say: Callable[[str], None]) -> None:
+        """Start again a service that exited on its own (e.g. its start-up found PostgreSQL
+        down), as a process supervisor (compose's restart policy, systemd) would; count it."""
+        while True:
+            await asyncio.sleep(1)
+            for name, proc in self.stack.processes.items():
+                if name not in self.down and not proc.running:
+                    self.exits[name] += 1
+                    say(f"  {name} exited on its own (exit {proc.proc.returncode if proc.proc else '?'}); restarted")
+                    proc.start()
 
     async def inject(self, fault: Fault, started: float) -> None:
         fault.at_s = time.monotonic() - started
@@ -597,6 +621,7 @@ class Faults:
                 assert self.pg is not None
                 await asyncio.to_thread(self.pg.kill)
             else:
+                self.down.add(victim)
                 self.stack.processes[victim].kill()
         await asyncio.sleep(fault.down_s)
         for victim in fault.victims:
@@ -608,6 +633,7 @@ class Faults:
                 await asyncio.to_thread(self.pg.start)
             else:
                 self.stack.processes[victim].start()
+                self.down.discard(victim)
         fault.restarted_s = time.monotonic() - t0
         services = [v for v in fault.victims if v in ALL_SERVICES] or list(ALL_SERVICES)
         self.watching.append(asyncio.create_task(self._recovery(fault, t0, services)))
@@ -665,6 +691,7 @@ class Report:
     duplicated: int
     stalled: dict[str, int]  # groups with records left to read after the grace period
     safe_mode_replays: int
+    exits: dict[str, int]  # services that exited on their own and were started again
     audit_verify: int
     audit_output: str
 
@@ -703,7 +730,7 @@ async def chaos_run(
     seed: int,
     rate: float,
     plan: list[Fault] | None = None,
-    settle_timeout: float = 900,
+    settle_timeout: float = 600,
     grace: float = 120,
     say: Callable[[str], None] = print,
 ) -> Report:
@@ -718,6 +745,7 @@ async def chaos_run(
     prefix = stack.base_env["CONSUMER_GROUP_PREFIX"]
     async with RawTally(bootstrap, tag) as tally, Publisher(bootstrap) as pub, Lag(bootstrap, prefix) as lag:
         faults = Faults(stack, kafka, pg, lag)
+        supervisor = asyncio.create_task(faults.supervise(say))
         started = time.monotonic()
 
         async def run_faults() -> None:
@@ -746,6 +774,7 @@ async def chaos_run(
         await tally.wait(lambda: all(f.recovery_s is not None for f in plan), grace)
         counts = count(tally, records, ledger, check_status=set())
         counts.lost = sum(1 for e in pub.acked if e not in tally.outcomes)
+        supervisor.cancel()
     done = await asyncio.to_thread(audit_verify, stack.api_url, tokens["auditor"], keys_dir, workdir / "audit.json")
     for fault in plan:
         rec = "never" if fault.recovery_s is None else f"{fault.recovery_s:.1f}s"
@@ -763,6 +792,7 @@ async def chaos_run(
         duplicated=counts.duplicated,
         stalled={g: n for g, n in lags.items() if n},
         safe_mode_replays=safe_mode_replays(stack) - replays_before,
+        exits=dict(faults.exits),
         audit_verify=done.returncode,
         audit_output=(done.stdout + done.stderr)[-2000:],
     )
@@ -778,7 +808,8 @@ def print_summary(report: Report, say: Callable[[str], None] = print) -> None:
     say(
         f"decisions {c['decisions']}  ledger entries {c['ledger_entries']} "
         f"(missing {c['ledger_missing']}, extra {c['ledger_extra']}, duplicates {c['ledger_duplicates']})  "
-        f"safe-mode replays {report.safe_mode_replays}  drain {report.drain_s}s  "
+        f"safe-mode replays {report.safe_mode_replays}  exits on their own {report.exits or 0}  "
+        f"drain {report.drain_s}s  "
         f"audit verify exit {report.audit_verify}"
     )
     say("OK" if report.ok() else "NOT OK")

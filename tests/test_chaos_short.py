@@ -29,6 +29,11 @@ async def test_a_short_chaos_run_loses_duplicates_and_stalls_nothing(
     if local_postgres is not None:  # an external database server is not ours to kill
         plan.append(Fault(("postgres",), 2.0))
     lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        print(line)  # shown by pytest on a failure or a timeout
+
     report = await chaos_run(
         bootstrap=kafka_bootstrap,
         stack=stack,
@@ -37,13 +42,13 @@ async def test_a_short_chaos_run_loses_duplicates_and_stalls_nothing(
         workdir=tmp_path,
         kafka=local_kafka,
         pg=local_postgres,
-        events=1200,
+        events=800,
         seed=7,
         rate=100,
         plan=plan,
-        settle_timeout=120,
-        grace=60,
-        say=lines.append,
+        settle_timeout=90,
+        grace=45,
+        say=say,
     )
     print_summary(report, lines.append)
     text = "\n".join(lines)
