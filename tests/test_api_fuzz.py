@@ -165,10 +165,13 @@ async def test_the_largest_accepted_numbers_are_answered_not_crashed_on(
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_unknown_query_parameters_are_refused(api: httpx.AsyncClient) -> None:
+async def test_unknown_or_repeated_query_parameters_are_refused(api: httpx.AsyncClient) -> None:
     response = await api.get("/v1/batches", params={"ofset": 100})
     assert response.status_code == 400
     assert "'ofset'" in response.json()["detail"] and "offset" in response.json()["detail"]
+    # Several values of a one-value parameter: FastAPI alone would keep the last, silently.
+    response = await api.get("/v1/anomalies", params=[("code", "A"), ("code", "B")])
+    assert response.status_code == 400 and "code" in response.json()["detail"], response.text
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -9,6 +9,7 @@ A malformed parameter is 400 with one readable line, the shape of every other re
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
@@ -92,6 +93,12 @@ class RefuseMalformed(APIRoute):
             if unknown:
                 takes = ", ".join(sorted(known)) or "none"
                 detail = f"unknown query parameter(s): {', '.join(map(repr, unknown))[:200]}; this route takes: {takes}"
+                return JSONResponse({"detail": detail}, status_code=400)
+            # Every parameter here is one value; FastAPI would silently keep the last of several.
+            given = Counter(name for name, _ in request.query_params.multi_items())
+            repeated = sorted(name for name, count in given.items() if count > 1)
+            if repeated:
+                detail = f"query parameter(s) given more than once: {', '.join(repeated)}"
                 return JSONResponse({"detail": detail}, status_code=400)
             try:
                 return await handler(request)
