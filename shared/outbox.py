@@ -210,7 +210,13 @@ def _fit(rows: Sequence[Row[Any]]) -> list[Row[Any]]:
 
 
 def _headers(stored: str) -> list[tuple[str, bytes]]:
-    return [(str(k), v.encode()) for k, v in json.loads(stored)]
+    """The stored [[name, value], ...] as Kafka headers; ValueError if they are not that."""
+    pairs = json.loads(stored)
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], str) for p in pairs
+    ):
+        raise ValueError(f"headers are not a list of [name, value] strings: {stored[:200]!r}")
+    return [(k, v.encode()) for k, v in pairs]
 
 
 def _reason(exc: BaseException) -> str:

@@ -204,7 +204,9 @@ async def test_an_oversized_row_is_parked_and_the_rows_behind_it_flow(
 ) -> None:
     engine, url = database
     parked_before = metric("gputrace_outbox_parked_total", service="pledges", reason="MessageSizeTooLargeError")
-    rows = await enqueue(engine, topic, [b"before", b"x" * (2 * 1024 * 1024), b"after"])
+    rows = await enqueue(engine, topic, [b"before", b"x" * (2 * 1024 * 1024), b"bad headers", b"after"])
+    async with engine.begin() as conn:  # a row no service would write, but a row all the same
+        await conn.execute(OUTBOX.update().where(OUTBOX.c.id == rows[2]["id"]).values(headers='{"ce_id": 1}'))
     relay = relay_for(engine, kafka_bootstrap, f"t{uuid.uuid4().hex[:6]}")
     await relay.start()
     await drained(engine)
@@ -212,9 +214,9 @@ async def test_an_oversized_row_is_parked_and_the_rows_behind_it_flow(
 
     assert await read_topic(kafka_bootstrap, topic) == [b"before", b"after"]
     async with engine.connect() as conn:
-        parked = (await conn.execute(select(PARKED))).all()
-    assert [(p.outbox_id, len(p.value)) for p in parked] == [(rows[1]["id"], 2 * 1024 * 1024)]
-    assert parked[0].reason.startswith("MessageSizeTooLargeError")
+        parked = (await conn.execute(select(PARKED).order_by(PARKED.c.id))).all()
+    assert [(p.outbox_id, len(p.value)) for p in parked] == [(rows[1]["id"], 2 * 1024 * 1024), (rows[2]["id"], 11)]
+    assert parked[0].reason.startswith("MessageSizeTooLargeError") and parked[1].reason.startswith("ValueError")
     assert metric("gputrace_outbox_parked_total", service="pledges", reason="MessageSizeTooLargeError") == (
         parked_before + 1
     )
@@ -228,7 +230,7 @@ async def test_an_oversized_row_is_parked_and_the_rows_behind_it_flow(
     table = await asyncio.to_thread(
         CliRunner().invoke, app, ["ops", "parked", "--service", "pledges", "--database-url", url]
     )
-    assert table.exit_code == 0 and "1 parked row(s)" in table.output, table.output
+    assert table.exit_code == 0 and "2 parked row(s)" in table.output, table.output
 
 
 async def test_a_record_the_broker_refuses_is_parked_alone(
