@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from shared.devstack import Stack
-from tests.chaos import Lag, RawTally
+from tests.chaos import Lag, RawTally, audit_verify
 from tests.partner import now, topic_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -591,7 +591,13 @@ def ledger_entries(url: str, decision_ids: list[str]) -> dict[str, str]:
 
 
 async def test_a_hostile_corpus_and_mutations_of_every_type_are_answered_once_and_nothing_stops(
-    kafka_bootstrap: str, keys_dir: Path, stack: Stack, database_urls: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    kafka_bootstrap: str,
+    keys_dir: Path,
+    stack: Stack,
+    tokens: dict[str, str],
+    database_urls: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     pids = {name: p.proc.pid for name, p in stack.processes.items() if p.proc and p.running}
     tag = f"hx{uuid.uuid4().hex[:8]}"
@@ -670,6 +676,9 @@ async def test_a_hostile_corpus_and_mutations_of_every_type_are_answered_once_an
     now_pids = {name: p.proc.pid for name, p in stack.processes.items() if p.proc and p.running}
     r.check(now_pids == pids, f"services restarted or died: {pids} -> {now_pids}")
     r.check(not any(lags.values()), f"consumer groups not at lag 0: {lags}")
+    # What the hostile records left in the ledger must still verify for an auditor.
+    done = await asyncio.to_thread(audit_verify, stack.api_url, tokens["auditor"], keys_dir, tmp_path / "audit.json")
+    r.check(done.returncode == 0, f"audit verify exit {done.returncode}: {(done.stdout + done.stderr)[-1500:]}")
     assert not r.failures, f"{len(r.failures)} failures:\n" + "\n".join(r.failures)
 
 
