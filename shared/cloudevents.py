@@ -145,6 +145,10 @@ def _parse_float(text: str) -> float:
     number = float(text)
     if not math.isfinite(number):
         raise _Limit(f"number {_head(text)} is out of range")
+    # RFC 8785 writes 4.97e16 as the integer 49700000000000000, which reads back as an integer
+    # beyond 2^53 that no canonicaliser accepts: the same magnitude bound as for integers.
+    if abs(number) > MAX_SAFE_INTEGER:
+        raise _Limit(f"number {_head(text)} is beyond ±(2^53 − 1)")
     return number
 
 

@@ -220,7 +220,7 @@ def test_a_licence_never_clears_more_than_was_awarded() -> None:
 
 
 def test_a_licence_needs_a_positive_quantity() -> None:
-    refused(ReasonCode.SCHEMA_INVALID, lifecycle.grant_licence, case("license_required"), granted(0))
+    refused(ReasonCode.AMOUNT_NOT_POSITIVE, lifecycle.grant_licence, case("license_required"), granted(0))
 
 
 def test_a_licence_denial_clears_nothing() -> None:

@@ -130,8 +130,11 @@ async def test_a_redelivered_event_changes_nothing(
     got = await outcomes.outcomes(first, event_id, sentinel)
     assert [g["status"] for g in got] == ["accepted", "accepted", "accepted"], got
     await asyncio.sleep(0.5)
-    assert len({o["decision_id"] for o in outcomes.by_event[event_id]}) == 1
-    doc = await wait_program(api, program, lambda d: d["by_partner"].get("kt-cloud", {}).get("disbursed"))
+    # Raw records, not distinct ids: the copies got no second outcome at all.
+    assert len(outcomes.by_event[event_id]) == 1, outcomes.by_event[event_id]
+    doc = await wait_program(
+        api, program, lambda d: d["by_partner"].get("kt-cloud", {}).get("disbursed") not in (None, {"KRW": "0"})
+    )
     # Disbursed once (600), not three times; a second copy would also have breached the pledge.
     assert doc["disbursed"] == {"KRW": "600"}
 

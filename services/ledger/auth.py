@@ -45,7 +45,9 @@ def write_dev_tokens(path: Path, partner_ids: list[str]) -> dict[str, str]:
     ]
     tokens = []
     for name, role, party in wanted:
-        t = by_name.get(name) or {"name": name, "role": role, "party_id": party, "token": secrets.token_urlsafe(24)}
+        # The prefix: a token never starts with "-", which a command line would take for an option.
+        token = "gt_" + secrets.token_urlsafe(24)
+        t = by_name.get(name) or {"name": name, "role": role, "party_id": party, "token": token}
         tokens.append(t)
     path.write_text(json.dumps({"tokens": tokens}, indent=2) + "\n")
     path.chmod(0o600)

@@ -181,7 +181,7 @@ def grant_licence(case: Case | None, e: LicenseGranted) -> Case:
     """A licence clears the units it names, never more than were awarded."""
     pending = _awaiting_licence(case, e.batch_id)
     if e.quantity <= 0:
-        raise RuleBroken(ReasonCode.SCHEMA_INVALID, "licensed quantity must be positive")
+        raise RuleBroken(ReasonCode.AMOUNT_NOT_POSITIVE, "licensed quantity must be positive")
     return pending.model_copy(
         update={
             "status": "licensed",
