@@ -16,7 +16,7 @@ run: install ## Start Kafka and every service on this machine (no Docker); Ctrl-
 test: install ## The whole test suite against real Kafka 4.x and PostgreSQL (started by the tests)
 	$(BIN)/pytest
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml verifier/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is needed (PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

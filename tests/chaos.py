@@ -41,23 +41,23 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.contract import (
+    DECIDING_SERVICES,
     DLQ_TOPIC,
     LICENSING_TOPIC,
     LOGISTICS_TOPIC,
     OUTCOMES_TOPIC,
     PLEDGES_TOPIC,
     PROCUREMENT_TOPIC,
-    SERVICES,
     TOPIC_PARTITIONS,
     decisions_topic,
 )
-from shared.devstack import Stack
-from shared.parties import load_private_key
-from shared.settings import Settings
+from shared.contract.parties import load_private_key
+from shared.runtime.settings import Settings
 from tests.infra import LocalKafka, LocalPostgres
 from tests.partner import PartnerClient, topic_for
+from tools.devstack import Stack
 
-DECISION_TOPICS = [decisions_topic(s) for s in SERVICES]
+DECISION_TOPICS = [decisions_topic(s) for s in DECIDING_SERVICES]
 # What each service's consumer group reads (services/<name>/main.py), to measure its lag.
 GROUP_TOPICS: dict[str, list[str]] = {
     "pledges": [PLEDGES_TOPIC],

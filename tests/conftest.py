@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.devstack import Stack
 from tests.infra import LocalKafka, LocalPostgres, docker_available, kafka_container, postgres_container
 from tests.partner import PartnerClient, TopicWatcher
 from tests.stack import auditor_headers, dump_logs, start_stack
+from tools.devstack import Stack
 
 # === infrastructure (owner: infra; keep this section compact and first) =======================
 # Session-wide real Kafka 4.x and PostgreSQL. Source, in order: KAFKA_BOOTSTRAP_SERVERS /

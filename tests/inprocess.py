@@ -20,15 +20,15 @@ from sqlalchemy import func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.pledges.main import HANDLERS, SERVICE, PledgeRow, prefetch
-from shared.consumer import Inbound
 from shared.contract import PLEDGES_TOPIC
-from shared.db import ProcessedMessage, create_tables
-from shared.decisions import Verdict
-from shared.parties import generate_dev_registry
-from shared.service import Service
-from shared.settings import Settings
-from shared.topics import ensure_topics
+from shared.contract.decisions import Verdict
+from shared.runtime.consumer import Inbound
+from shared.runtime.db import ProcessedMessage, create_tables
+from shared.runtime.service import Service
+from shared.runtime.settings import Settings
+from shared.runtime.topics import ensure_topics
 from tests.partner import PartnerClient
+from tools.devkeys import generate_dev_registry
 
 Handler = Callable[[AsyncSession, Inbound], Awaitable[Verdict]]
 

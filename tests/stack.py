@@ -11,9 +11,11 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.ledger.auth import write_dev_tokens
-from shared.devstack import SERVICES, Stack, free_port
-from shared.parties import DEV_PARTIES, generate_dev_registry, write_private_key
-from shared.topics import ensure_topics
+from shared.contract import SERVICES
+from shared.contract.parties import write_private_key
+from shared.runtime.topics import ensure_topics
+from tools.devkeys import DEV_PARTIES, generate_dev_registry
+from tools.devstack import Stack, free_port
 
 
 def make_keys(directory: Path) -> dict[str, str]:

@@ -22,9 +22,6 @@ from sqlalchemy import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.pledges.main import HANDLERS, PledgeRow, prefetch
-from shared import kafka_records
-from shared.cloudevents import CloudEvent, UnreadableRecord, read_record
-from shared.consumer import LETTER_VALUE_BYTES, MAX_TRIES, BatchProcessor, Emitter, Inbound, RetryBatch, dead_letter
 from shared.contract import (
     DLQ_TOPIC,
     OUTCOMES_TOPIC,
@@ -32,12 +29,25 @@ from shared.contract import (
     PledgeCommitted,
     decisions_topic,
     event_type,
+    fit,
     service_source,
 )
-from shared.db import DeliveryFailure, OutboxMessage, create_tables, fit, make_engine, session_factory, utcnow
-from shared.decisions import DECISION_TYPE, Decision, Verdict
-from shared.parties import PartyRegistry, generate_dev_registry
+from shared.contract.cloudevents import CloudEvent, UnreadableRecord, read_record
+from shared.contract.decisions import DECISION_TYPE, Decision, Verdict
+from shared.contract.parties import PartyRegistry
+from shared.runtime import kafka_records
+from shared.runtime.consumer import (
+    LETTER_VALUE_BYTES,
+    MAX_TRIES,
+    BatchProcessor,
+    Emitter,
+    Inbound,
+    RetryBatch,
+    dead_letter,
+)
+from shared.runtime.db import DeliveryFailure, OutboxMessage, create_tables, make_engine, session_factory, utcnow
 from tests.partner import PartnerClient
+from tools.devkeys import generate_dev_registry
 
 HEADERS = [
     ("ce_specversion", b"1.0"),

@@ -23,8 +23,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
-from shared.devstack import Stack
 from tests.partner import PartnerClient, TopicWatcher
+from tools.devstack import Stack
 
 OPENAPI = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 BIG = 2**64  # past PostgreSQL's BIGINT, and past what psycopg binds as an integer

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.devstack import Stack
 from tests.partner import PartnerClient, TopicWatcher
+from tools.devstack import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

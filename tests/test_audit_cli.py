@@ -33,7 +33,6 @@ from typer.testing import CliRunner
 
 from services.ledger.log_api import log_router
 from services.ledger.main import create_app
-from shared.cli import app as gputrace_app
 from tests.test_log_api import (
     BATCHES,
     ORIGIN,
@@ -46,6 +45,7 @@ from tests.test_log_api import (
     make_keys,
     serve_ledger,
 )
+from tools.cli import app as gputrace_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CLEAN_ENV = {"GPUTRACE_URL": None, "GPUTRACE_TOKEN": None, "GPUTRACE_LEDGER_VKEY": None, "COLUMNS": "200"}

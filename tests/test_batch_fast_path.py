@@ -18,12 +18,13 @@ from sqlalchemy import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.pledges.main import HANDLERS, PledgeRow, prefetch
-from shared.consumer import MAX_TRIES, BatchProcessor, Inbound, RetryBatch
 from shared.contract import DLQ_TOPIC, OUTCOMES_TOPIC, PLEDGES_TOPIC, event_type
-from shared.db import OutboxMessage, create_tables, make_engine, session_factory
-from shared.decisions import Accepted, Verdict
-from shared.parties import PartyRegistry, generate_dev_registry
+from shared.contract.decisions import Accepted, Verdict
+from shared.contract.parties import PartyRegistry
+from shared.runtime.consumer import MAX_TRIES, BatchProcessor, Inbound, RetryBatch
+from shared.runtime.db import OutboxMessage, create_tables, make_engine, session_factory
 from tests.partner import PartnerClient
+from tools.devkeys import generate_dev_registry
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ async def test_one_batch_decides_as_one_record_at_a_time(
     not written yet; the outcomes and the rows are those of one record per transaction."""
     p1, p2 = f"P-{uuid.uuid4().hex[:6]}", f"P-{uuid.uuid4().hex[:6]}"
     events = _with_ids(events, p1=p1, p2=p2)
-    with caplog.at_level("WARNING", logger="shared.consumer"):
+    with caplog.at_level("WARNING", logger="shared.runtime.consumer"):
         await processor(sessions, keys).process(records(keys, events))
     assert any("record by record" in r.message for r in caplog.records) is safe_mode
     together = (await outcomes(sessions), await states(sessions))

@@ -1,5 +1,5 @@
 """A GPU batch's whole life, published by partner clients over real Kafka, ending in the ledger's
-batch view (design.md §5, issue: the four domain services, choreographed)."""
+batch view (docs/architecture.md §5, issue: the four domain services, choreographed)."""
 
 from __future__ import annotations
 

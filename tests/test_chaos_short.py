@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.devstack import Stack
 from tests.chaos import Fault, chaos_run, print_summary
 from tests.infra import LocalKafka, LocalPostgres
+from tools.devstack import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from shared.devstack import Stack
 from tests.chaos import (
     Lag,
     Publisher,
@@ -33,6 +32,7 @@ from tests.chaos import (
 )
 from tests.infra import LocalKafka, LocalPostgres
 from tests.partner import PartnerClient
+from tools.devstack import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -1,4 +1,4 @@
-"""The dashboard (design.md §6) in a real headless Chromium against the running stack: after a few
+"""The dashboard (docs/architecture.md §6) in a real headless Chromium against the running stack: after a few
 batches go through Kafka, the page shows the numbers the API gives; without a good token it shows
 the sign-in prompt and no data; a role that may not read the log sees why."""
 
@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.devstack import Stack
 from tests.partner import PartnerClient, TopicWatcher
 from tests.test_batch_lifecycle_e2e import Programme, batch_view, uid
+from tools.devstack import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

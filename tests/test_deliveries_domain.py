@@ -1,4 +1,4 @@
-"""The delivery rules of design.md §5, one test per rule, on the pure domain (no Kafka, no SQL)."""
+"""The delivery rules of docs/architecture.md §5, one test per rule, on the pure domain (no Kafka, no SQL)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from shared.contract import (
     ShipmentDispatched,
     ShipmentReceived,
 )
-from shared.facts import AwardFacts, DeliveryFacts, ExportFacts
+from shared.contract.facts import AwardFacts, DeliveryFacts, ExportFacts
 
 B = "B-2025-NHN-01"
 T0 = datetime(2025, 9, 1, tzinfo=UTC)

@@ -1,5 +1,5 @@
 """`gputrace demo` at a small scale against the session's running system: it exits 0, and the
-ledger's API then shows the programme it published (design.md §1, §6)."""
+ledger's API then shows the programme it published (docs/architecture.md §1, §6)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.demo import DAMAGED_UNITS, FAILED, FORGED, LICENSED, plan
-from shared.devstack import Stack
 from tests.stack import auditor_headers
+from tools.demo import DAMAGED_UNITS, FAILED, FORGED, LICENSED, plan
+from tools.devstack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = 0.01
@@ -29,7 +29,7 @@ def demo_run(kafka_bootstrap: str, keys_dir: Path, stack: Stack) -> tuple[str, s
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "tools.cli",
             "demo",
             "--bootstrap",
             kafka_bootstrap,

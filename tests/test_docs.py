@@ -22,9 +22,9 @@ import rfc8785
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared import docs
-from shared.cloudevents import from_record
 from shared.contract import EVENTS, PARTY_SOURCE_PREFIX, ReasonCode
+from shared.contract.cloudevents import from_record
+from tools import docs
 
 DOCS = docs.DOCS_DIR
 FIX = "the code changed: run `make docs` (or `gputrace docs`) and commit docs/"
@@ -52,7 +52,7 @@ def test_generation_is_deterministic(generated: dict[str, str]) -> None:
 
 
 def test_every_reason_code_is_explained() -> None:
-    assert set(docs.REASON_MEANINGS) == set(ReasonCode), "describe each ReasonCode in shared/docs.py REASON_MEANINGS"
+    assert set(docs.REASON_MEANINGS) == set(ReasonCode), "describe each ReasonCode in tools/docs.py REASON_MEANINGS"
 
 
 def _resolve(doc: dict[str, Any], ref: str) -> Any:

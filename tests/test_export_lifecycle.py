@@ -15,8 +15,8 @@ import pytest
 
 from services.export_controls.domain import Case, RuleBook, RulesetDataError, lifecycle, load_rulebook
 from shared.contract import LicenseDenied, LicenseGranted, ReasonCode
-from shared.decisions import RuleBroken
-from shared.facts import AwardFacts
+from shared.contract.decisions import RuleBroken
+from shared.contract.facts import AwardFacts
 
 BOOK: RuleBook = load_rulebook()
 ALLOC_SG = "ai-diffusion-2025/tier2-allocation/2025-2027/SG"

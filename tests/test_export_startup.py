@@ -21,9 +21,9 @@ import yaml
 from services.export_controls.domain import ExportControlError, RulesetDataError, load_rulebook
 from services.export_controls.domain._data import DATA_DIR
 from services.export_controls.main import build
-from shared.devstack import free_port
-from shared.parties import generate_dev_registry
-from shared.settings import Settings
+from shared.runtime.settings import Settings
+from tools.devkeys import generate_dev_registry
+from tools.devstack import free_port
 
 AID = "rulesets/ai-diffusion-2025.yaml"
 

@@ -11,12 +11,12 @@ import httpx
 import pytest
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from shared.consumer import Inbound
-from shared.decisions import Verdict
-from shared.devstack import Stack
-from shared.health import Readiness
+from shared.contract.decisions import Verdict
+from shared.runtime.consumer import Inbound
+from shared.runtime.health import Readiness
 from tests import inprocess
 from tests.infra import LocalKafka
+from tools.devstack import Stack
 
 session_loop = pytest.mark.asyncio(loop_scope="session")
 

@@ -35,10 +35,10 @@ from services.ledger.log import APPEND_ONLY, LOG_TABLES, LogWriter, install_appe
 from services.ledger.log_api import MAX_ENTRIES
 from services.ledger.main import create_app
 from services.ledger.projections import PROJECTION_TABLES
-from shared.cloudevents import canonical_json
-from shared.db import create_tables, make_engine, session_factory
-from shared.parties import write_private_key
-from shared.settings import Settings
+from shared.contract.cloudevents import canonical_json
+from shared.contract.parties import write_private_key
+from shared.runtime.db import create_tables, make_engine, session_factory
+from shared.runtime.settings import Settings
 
 ORIGIN = "test.gputrace.example/ledger"
 BATCHES = (1, 2, 5, 13, 29, 50, 100, 100)  # 300 entries; a checkpoint signed after each batch

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.devstack import Stack
 from tests.partner import PartnerClient, TopicWatcher
+from tools.devstack import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

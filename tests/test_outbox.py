@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, create_engine, insert, select
 
-from shared.outbox import PROGRESS_CHARS, RELAY_BATCH, RELAY_BYTES, Progress, _digest, _fit, _ranges
+from shared.runtime.outbox import PROGRESS_CHARS, RELAY_BATCH, RELAY_BYTES, Progress, _digest, _fit, _ranges
 
 ROWS = Table(
     "outbox",

@@ -24,12 +24,12 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
-from shared.cli import app
 from shared.contract import MAX_RECORD_BYTES, TOPIC_PARTITIONS
-from shared.db import OutboxMessage, ParkedOutboxMessage, create_tables, make_engine, session_factory
-from shared.outbox import OutboxRelay
-from shared.topics import ensure_topics
+from shared.runtime.db import OutboxMessage, ParkedOutboxMessage, create_tables, make_engine, session_factory
+from shared.runtime.outbox import OutboxRelay
+from shared.runtime.topics import ensure_topics
 from tests.partner import TopicWatcher
+from tools.cli import app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -14,8 +14,8 @@ import pytest
 from aiokafka import ConsumerRecord
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from shared.consumer import Inbound
-from shared.decisions import Verdict
+from shared.contract.decisions import Verdict
+from shared.runtime.consumer import Inbound
 from tests import inprocess
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -1,4 +1,4 @@
-"""The pledge rules of design.md §5, on the pure domain (services/pledges/domain.py: no Kafka, no SQL).
+"""The pledge rules of docs/architecture.md §5, on the pure domain (services/pledges/domain.py: no Kafka, no SQL).
 
 Each refusal test starts from an event that would be accepted and breaks exactly one thing, so
 removing the rule makes the test fail; the acceptance tests pin the boundaries (a disbursement

@@ -1,5 +1,5 @@
 """Pledges through real Kafka and PostgreSQL: partners publish with plain aiokafka, read their
-outcomes, and the ledger's API shows the programme totals (design.md §4–§6)."""
+outcomes, and the ledger's API shows the programme totals (docs/partner-contract.md and docs/architecture.md §5–§6)."""
 
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
-from shared.devstack import Stack
 from tests.partner import PartnerClient, TopicWatcher
+from tools.devstack import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

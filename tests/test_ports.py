@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.ports import PortTaken, choose, free_port, in_use, owns, taken_message
 from tests.infra import KAFKA_SH, ROOT
+from tools.ports import PortTaken, choose, free_port, in_use, owns, taken_message
 
 
 def _answer_like_kafka(server: socket.socket) -> None:
@@ -80,7 +80,7 @@ def test_run_refuses_a_taken_port_before_starting_anything(taken: str, tmp_path:
         ports = {"kafka": free_port(), "api": free_port(), taken: port}
         port_options = ["--kafka-port", str(ports["kafka"]), "--api-port", str(ports["api"])]
         done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "run", "--var-dir", str(var), *port_options],
+            [sys.executable, "-m", "tools.cli", "run", "--var-dir", str(var), *port_options],
             cwd=ROOT,
             env=env,
             capture_output=True,

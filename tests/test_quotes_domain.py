@@ -1,4 +1,4 @@
-"""The quote rules of design.md §5, one test per rule, on the pure domain (no Kafka, no SQL).
+"""The quote rules of docs/architecture.md §5, one test per rule, on the pure domain (no Kafka, no SQL).
 
 Each refusal test starts from an event that would be accepted and breaks exactly one thing,
 so removing the rule makes the test fail.
@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from services.quotes import domain
 from shared.contract import BatchRequested, Money, QuoteAwarded, QuoteSubmitted, QuoteWithdrawn, ReasonCode
-from shared.facts import AwardFacts, BatchFacts, Funding, PledgeFacts
+from shared.contract.facts import AwardFacts, BatchFacts, Funding, PledgeFacts
 
 AWARDED_AT = "2025-06-01T09:00:00Z"
 

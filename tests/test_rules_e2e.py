@@ -1,4 +1,4 @@
-"""Every domain rule of design.md §5 broken once, through real Kafka: a partner publishes a signed
+"""Every domain rule of docs/architecture.md §5 broken once, through real Kafka: a partner publishes a signed
 event that breaks the rule, reads the rejection and its reason code on gputrace.outcomes.v1 (and,
 where auditors must see it, the anomaly at /v1/anomalies), then publishes one valid event that is
 accepted only if the rejected one changed nothing.

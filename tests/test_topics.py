@@ -9,7 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from shared.contract import DECISION_TOPICS, OUTCOMES_TOPIC, PLEDGES_TOPIC, TOPIC_PARTITIONS
-from shared.topics import ensure_topics
+from shared.runtime.topics import ensure_topics
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Run once by the postgres image on an empty data directory (/docker-entrypoint-initdb.d):
-# one database per service, because services share nothing but Kafka (design.md §3).
+# one database per service, because services share nothing but Kafka (docs/architecture.md §2).
 # GPUTRACE_DATABASES lists them; docker-compose.yml sets it next to each service's DATABASE_URL.
 set -eu
 for db in ${GPUTRACE_DATABASES}; do

@@ -31,7 +31,7 @@ die() { log "error: $*"; exit 1; }
 # Prefer the system python: a pyenv shim may point at an interpreter that is not there in CI.
 PY="$(command -v /usr/bin/python3 || command -v python3 || true)"
 # Who holds a port (standard library only, so the system python runs it).
-PORTS_PY="$HERE/../../shared/ports.py"
+PORTS_PY="$HERE/../../tools/ports.py"
 
 # Fails naming the process that listens on port $1 (for $2), if any.
 require_free() {

@@ -1,4 +1,4 @@
-"""Delivery rules of design.md §5, pure: no Kafka, no SQL.
+"""Delivery rules of docs/architecture.md §5, pure: no Kafka, no SQL.
 
 EPCIS-style steps at serial level: shipping (dispatched), customs (cleared), receiving and
 inspecting (received, damaged), installing, accepting. Each function judges one event against
@@ -25,8 +25,8 @@ from shared.contract import (
     ShipmentDispatched,
     ShipmentReceived,
 )
-from shared.decisions import RuleBroken
-from shared.facts import CLEARED_STATUSES, AwardFacts, DeliveryFacts, ExportFacts, anomaly
+from shared.contract.decisions import RuleBroken
+from shared.contract.facts import CLEARED_STATUSES, AwardFacts, DeliveryFacts, ExportFacts, anomaly
 
 # Serial states. `missing` is a serial its shipment arrived without: no longer in transit,
 # never received; auditors see it as an anomaly.

@@ -1,4 +1,4 @@
-"""The deliveries service: every GPU serial from dispatch to acceptance at the site (design.md §5).
+"""The deliveries service: every GPU serial from dispatch to acceptance at the site (docs/architecture.md §5).
 
 Reads `partner.logistics.v1` (shipments, receipts, installation, acceptance) and the decisions of
 quotes (awards: how many units a batch may ship) and export controls (the export case: whether,
@@ -19,8 +19,6 @@ from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.deliveries import domain
-from shared.cloudevents import CloudEvent
-from shared.consumer import Emitter, Inbound
 from shared.contract import (
     LOGISTICS_TOPIC,
     BatchAccepted,
@@ -33,9 +31,11 @@ from shared.contract import (
     decisions_topic,
     event_type,
 )
-from shared.decisions import Accepted, Decision, Rejected, Verdict
-from shared.facts import AWARD, DELIVERY, EXPORT, AwardFacts, ExportFacts
-from shared.service import Service, run_service
+from shared.contract.cloudevents import CloudEvent
+from shared.contract.decisions import Accepted, Decision, Rejected, Verdict
+from shared.contract.facts import AWARD, DELIVERY, EXPORT, AwardFacts, ExportFacts
+from shared.runtime.consumer import Emitter, Inbound
+from shared.runtime.service import Service, run_service
 
 SERVICE = "deliveries"
 

@@ -21,13 +21,13 @@ from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.export_controls.domain import Case, ExportControlError, lifecycle, load_rulebook
-from shared.cloudevents import CloudEvent
-from shared.consumer import Emitter, Inbound
 from shared.contract import LICENSING_TOPIC, LicenseDenied, LicenseGranted, decisions_topic, event_type
-from shared.decisions import Accepted, Decision, RuleBroken, Verdict
-from shared.facts import AWARD, EXPORT, EXPORT_DECIDED, AwardFacts, anomaly
-from shared.service import Service, run_service
-from shared.settings import Settings
+from shared.contract.cloudevents import CloudEvent
+from shared.contract.decisions import Accepted, Decision, RuleBroken, Verdict
+from shared.contract.facts import AWARD, EXPORT, EXPORT_DECIDED, AwardFacts, anomaly
+from shared.runtime.consumer import Emitter, Inbound
+from shared.runtime.service import Service, run_service
+from shared.runtime.settings import Settings
 
 SERVICE = "export_controls"
 

@@ -9,11 +9,11 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.ledger.log import LogWriter
 from services.ledger.projections import project
-from shared.cloudevents import CloudEvent
-from shared.consumer import Emitter
-from shared.db import fit
-from shared.decisions import Decision
-from shared.observability import LEDGER_SIZE
+from shared.contract import fit
+from shared.contract.cloudevents import CloudEvent
+from shared.contract.decisions import Decision
+from shared.runtime.consumer import Emitter
+from shared.runtime.observability import LEDGER_SIZE
 
 _WRITER = "gputrace.log_writer"
 log = logging.getLogger(__name__)

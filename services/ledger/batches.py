@@ -1,6 +1,6 @@
 """The batch view: one GPU batch from request to acceptance, folded from every service's decisions.
 
-Facts are snapshots (shared/facts.py), so folding them is overwriting the part each service owns;
+Facts are snapshots (shared/contract/facts.py), so folding them is overwriting the part each service owns;
 a stale snapshot never wins over a newer one because each part is replaced only by a decision
 with a later ledger index.
 """
@@ -15,8 +15,8 @@ from sqlalchemy import Column, Text, func, select
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from shared import aggregates
-from shared.decisions import Decision
+from shared.contract.decisions import Decision
+from shared.runtime import aggregates
 
 # The pipeline, in order; a batch's status is the furthest stage its facts show. A Literal, so the
 # API's `status` filter is an enum in the OpenAPI document and anything else is refused there.

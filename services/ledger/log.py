@@ -21,8 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from shared.cloudevents import canonical_json
-from shared.db import utcnow
+from shared.contract.cloudevents import canonical_json
+from shared.runtime.db import utcnow
 
 WRITER_LOCK = 0x6770_7574_7261_6365  # "gputrace"
 

@@ -28,7 +28,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.ledger.api import BIGINT_MAX, FORBIDDEN, MALFORMED, NO_TOKEN, RefuseMalformed, refusals
 from services.ledger.auth import require
 from services.ledger.log import LogEntry, LogHead, SignedCheckpoint, b64, fetch_nodes
-from shared.parties import load_private_key
+from shared.contract.parties import load_private_key
 
 MAX_ENTRIES = 1000  # per /entries call; clients page (the auditor CLI does)
 NOTE_MEDIA_TYPE = "text/plain; charset=utf-8"

@@ -16,10 +16,10 @@ from services.ledger.dashboard import router as dashboard_router
 from services.ledger.log import LOG_TABLES, install_append_only_guards
 from services.ledger.log_api import log_router
 from services.ledger.projections import PROJECTION_TABLES, prefetch
-from shared.contract import SERVICES, decisions_topic
-from shared.parties import load_private_key, write_private_key
-from shared.service import Service
-from shared.settings import Settings
+from shared.contract import DECIDING_SERVICES, decisions_topic
+from shared.contract.parties import load_private_key, write_private_key
+from shared.runtime.service import Service
+from shared.runtime.settings import Settings
 
 SERVICE = "ledger"
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def build_service(settings: Settings | None = None) -> Service:
     return Service(
         SERVICE,
         tables=[*LOG_TABLES, *PROJECTION_TABLES],
-        topics=[decisions_topic(s) for s in SERVICES],
+        topics=[decisions_topic(s) for s in DECIDING_SERVICES],
         internal_handler=appender.on_decision,
         after_batch=appender.after_batch,
         prefetch=prefetch,

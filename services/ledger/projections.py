@@ -16,10 +16,10 @@ from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.ledger.batches import BATCH_TABLES, BatchParty, BatchView, project_batch
-from shared import aggregates
-from shared.cloudevents import CloudEvent
-from shared.decisions import Decision
-from shared.facts import PLEDGE, PledgeFacts
+from shared.contract.cloudevents import CloudEvent
+from shared.contract.decisions import Decision
+from shared.contract.facts import PLEDGE, PledgeFacts
+from shared.runtime import aggregates
 
 
 class PledgeView(SQLModel, table=True):

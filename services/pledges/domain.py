@@ -1,4 +1,4 @@
-"""Pledge rules of design.md §5, pure: no Kafka, no SQL. Each function judges one event against
+"""Pledge rules of docs/architecture.md §5, pure: no Kafka, no SQL. Each function judges one event against
 the pledge as it stands and says what the pledge becomes, or why the event is refused."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from shared.contract import (
     PledgeWithdrawn,
     ReasonCode,
 )
-from shared.decisions import RuleBroken
-from shared.facts import PledgeFacts
+from shared.contract.decisions import RuleBroken
+from shared.contract.facts import PledgeFacts
 
 
 @dataclass(frozen=True)

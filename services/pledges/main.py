@@ -1,4 +1,4 @@
-"""The pledges service: partners' commitments of capital, GPUs and capacity (design.md §5).
+"""The pledges service: partners' commitments of capital, GPUs and capacity (docs/architecture.md §5).
 
 Reads `partner.pledges.v1`; every decision goes to its canonical topic and each partner's
 outcome to `gputrace.outcomes.v1`, through the shared mechanism.
@@ -13,13 +13,13 @@ from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.pledges import domain
-from shared import aggregates
-from shared.cloudevents import CloudEvent
-from shared.consumer import Inbound
 from shared.contract import PLEDGES_TOPIC, event_type
-from shared.decisions import Accepted, Verdict
-from shared.facts import PLEDGE
-from shared.service import Service, run_service
+from shared.contract.cloudevents import CloudEvent
+from shared.contract.decisions import Accepted, Verdict
+from shared.contract.facts import PLEDGE
+from shared.runtime import aggregates
+from shared.runtime.consumer import Inbound
+from shared.runtime.service import Service, run_service
 
 SERVICE = "pledges"
 
@@ -41,7 +41,7 @@ def _handler(rule: Callable[[domain.Pledge | None, object], domain.Pledge], verb
             pledge = rule(current, inbound.data)
         except domain.RuleBroken as broken:
             return broken.rejected()
-        # Stored and published as the same typed fact (shared.facts.PledgeFacts).
+        # Stored and published as the same typed fact (shared.contract.facts.PledgeFacts).
         facts = pledge.facts().model_dump(mode="json")
         state = json.dumps(facts)
         if row is None:

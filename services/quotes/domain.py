@@ -1,4 +1,4 @@
-"""Quote rules of design.md §5, pure: no Kafka, no SQL. Each function judges one event against
+"""Quote rules of docs/architecture.md §5, pure: no Kafka, no SQL. Each function judges one event against
 the batch and quotes as they stand and says what they become, or why the event is refused.
 
 Funding. The capital earmarked for a batch is the pledged amount of every *active* capital
@@ -36,8 +36,8 @@ from shared.contract import (
     QuoteWithdrawn,
     ReasonCode,
 )
-from shared.decisions import RuleBroken
-from shared.facts import AwardFacts, BatchFacts, Funding, PledgeFacts, QuoteFacts, QuoteStatus, anomaly
+from shared.contract.decisions import RuleBroken
+from shared.contract.facts import AwardFacts, BatchFacts, Funding, PledgeFacts, QuoteFacts, QuoteStatus, anomaly
 
 # Money arithmetic never rounds silently: sums and products are computed at this precision
 # and a result that would need more digits is refused rather than rounded.

@@ -1,5 +1,5 @@
 """The quotes service: batch requests, vendor quotes and awards against earmarked funding
-(design.md §5).
+(docs/architecture.md §5).
 
 Reads `partner.procurement.v1` (partner events) and the pledges service's decisions (to know the
 capital earmarked per batch); every decision goes to its canonical topic and each partner's
@@ -16,9 +16,6 @@ from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.quotes import domain
-from shared import aggregates
-from shared.cloudevents import CloudEvent
-from shared.consumer import Emitter, Inbound
 from shared.contract import (
     PROCUREMENT_TOPIC,
     BatchRequested,
@@ -29,9 +26,12 @@ from shared.contract import (
     decisions_topic,
     event_type,
 )
-from shared.decisions import Accepted, Decision, Verdict
-from shared.facts import AWARD, BATCH, PLEDGE, QUOTE, PledgeFacts
-from shared.service import Service, run_service
+from shared.contract.cloudevents import CloudEvent
+from shared.contract.decisions import Accepted, Decision, Verdict
+from shared.contract.facts import AWARD, BATCH, PLEDGE, QUOTE, PledgeFacts
+from shared.runtime import aggregates
+from shared.runtime.consumer import Emitter, Inbound
+from shared.runtime.service import Service, run_service
 
 SERVICE = "quotes"
 

@@ -5,7 +5,7 @@ an outage), timed until a read_committed reader has every record and the table i
 
 Uses KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL when set, else starts the local Kafka and PostgreSQL.
 `--relay FILE.py` times another implementation of OutboxRelay, e.g. an earlier one:
-`git show <rev>:shared/outbox.py > /tmp/outbox_old.py`.
+`git show <rev>:shared/runtime/outbox.py > /tmp/outbox_old.py`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import func, insert, select
 
-from shared.db import OutboxMessage, create_tables, make_engine, session_factory
-from shared.topics import ensure_topics
+from shared.runtime.db import OutboxMessage, create_tables, make_engine, session_factory
+from shared.runtime.topics import ensure_topics
 from tests.infra import LocalKafka, LocalPostgres
 
 OUTBOX = OutboxMessage.__table__  # type: ignore[attr-defined]
@@ -36,7 +36,7 @@ OUTBOX = OutboxMessage.__table__  # type: ignore[attr-defined]
 
 def relay_module(path: str | None) -> ModuleType:
     if not path:
-        return importlib.import_module("shared.outbox")
+        return importlib.import_module("shared.runtime.outbox")
     spec = importlib.util.spec_from_file_location("outbox_under_test", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -123,7 +123,7 @@ def main() -> None:
             pg.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(
-        f"{args.rows} rows of {args.value_bytes} B ({args.relay or 'shared.outbox'}): "
+        f"{args.rows} rows of {args.value_bytes} B ({args.relay or 'shared.runtime.outbox'}): "
         f"read by a read_committed consumer in {result['read_s']:.2f} s = {args.rows / result['read_s']:,.0f} rows/s; "
         f"outbox empty after {result['drained_s']:.2f} s = {args.rows / result['drained_s']:,.0f} rows/s"
     )

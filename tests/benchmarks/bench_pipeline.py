@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from rich.console import Console
 from rich.table import Table
 
-from shared.topics import ensure_topics
+from shared.runtime.topics import ensure_topics
 from tests.infra import LocalKafka, LocalPostgres
 from tests.partner import PartnerClient
 from tests.stack import start_stack

@@ -23,8 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from shared.contract import LicenseDenied, LicenseGranted, ReasonCode
-from shared.decisions import RuleBroken
-from shared.facts import AwardFacts, ExportFacts, ExportStatus, anomaly
+from shared.contract.decisions import RuleBroken
+from shared.contract.facts import AwardFacts, ExportFacts, ExportStatus, anomaly
 
 from .errors import NoRulesetInForceError, UnknownModelError
 from .evaluate import evaluate, quota_keys

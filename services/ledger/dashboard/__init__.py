@@ -1,4 +1,4 @@
-"""The dashboard for people (design.md §6), served by the ledger at `/`."""
+"""The dashboard for people (docs/architecture.md §6), served by the ledger at `/`."""
 
 from services.ledger.dashboard.router import router
 

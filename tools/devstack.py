@@ -17,14 +17,13 @@ from pathlib import Path
 
 import httpx
 
+from shared.contract import SERVICES
+
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-SERVICES = ("pledges", "quotes", "export_controls", "deliveries", "ledger")
 
 
 @dataclass
@@ -116,7 +115,7 @@ class Stack:
 
     def wait_ready(self, timeout: float = 120, names: tuple[str, ...] | None = None) -> None:
         """Every service answers /readyz with 200: its tables exist, its subscriber and relay run,
-        and the broker answers (shared.health)."""
+        and the broker answers (shared.runtime.health)."""
         deadline = time.monotonic() + timeout
         waiting = set(names or self.processes)
         last: dict[str, str] = {}

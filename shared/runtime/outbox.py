@@ -47,11 +47,11 @@ from sqlalchemy import Row, delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from shared.cloudevents import CloudEvent
 from shared.contract import MAX_RECORD_BYTES
-from shared.db import OutboxMessage, ParkedOutboxMessage, ProcessedMessage, is_postgres, utcnow
-from shared.observability import OUTBOX_BACKLOG, OUTBOX_PARKED, OUTBOX_PUBLISHED
-from shared.topics import RELAY_PROGRESS_TOPIC
+from shared.contract.cloudevents import CloudEvent
+from shared.runtime.db import OutboxMessage, ParkedOutboxMessage, ProcessedMessage, is_postgres, utcnow
+from shared.runtime.observability import OUTBOX_BACKLOG, OUTBOX_PARKED, OUTBOX_PUBLISHED
+from shared.runtime.topics import RELAY_PROGRESS_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class OutboxRelay:
         # After a refused round, its rows go one per transaction, to find the one the broker refuses.
         self._one_by_one_until = 0
         self.leading = False
-        # Told after every round, with its exception if it failed (shared.health: readiness).
+        # Told after every round, with its exception if it failed (shared.runtime.health: readiness).
         self.on_round: Callable[[BaseException | None], None] = lambda error: None
 
     async def start(self) -> None:

@@ -1,7 +1,7 @@
 """The composition root of a gputrace service: settings, database, broker, subscriber, outbox relay.
 
 A service says which topics it reads and which handlers decide; this module wires the one
-mechanism (shared.consumer + shared.outbox) around them. Services never import each other.
+mechanism (shared.runtime.consumer + shared.runtime.outbox) around them. Services never import each other.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from prometheus_client import make_asgi_app
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.consumer import (
+from shared.contract import DECISION_TOPICS
+from shared.contract.parties import PartyRegistry
+from shared.runtime.consumer import (
     BatchHook,
     BatchProcessor,
     InternalHandler,
@@ -33,20 +35,18 @@ from shared.consumer import (
     RetryBatch,
     retry_pause,
 )
-from shared.contract import DECISION_TOPICS
-from shared.db import create_tables, make_engine, session_factory
-from shared.health import Readiness
-from shared.kafka_records import install as tolerate_bad_header_names
-from shared.observability import HANDLER_SECONDS, configure_logging
-from shared.outbox import OutboxRelay
-from shared.parties import PartyRegistry
-from shared.settings import Settings
-from shared.topics import ensure_topics
+from shared.runtime.db import create_tables, make_engine, session_factory
+from shared.runtime.health import Readiness
+from shared.runtime.kafka_records import install as tolerate_bad_header_names
+from shared.runtime.observability import HANDLER_SECONDS, configure_logging
+from shared.runtime.outbox import OutboxRelay
+from shared.runtime.settings import Settings
+from shared.runtime.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
 
-# aiokafka itself would stop at a header name that is not UTF-8 (see shared.kafka_records).
+# aiokafka itself would stop at a header name that is not UTF-8 (see shared.runtime.kafka_records).
 tolerate_bad_header_names()
 
 
@@ -134,7 +134,7 @@ class Service:
             max_records=self.settings.batch_max_records,
             batch_timeout_ms=self.settings.batch_timeout_ms,
             auto_offset_reset="earliest",
-            # Decisions come from transactional relays (shared.outbox): aborted records never count.
+            # Decisions come from transactional relays (shared.runtime.outbox): aborted records never count.
             isolation_level="read_committed",
             # Offsets are committed after the handler returned, i.e. after the database commit;
             # on an exception the consumer seeks back and the batch comes again.
@@ -176,7 +176,7 @@ class Service:
         consume: bool = True,
     ) -> FastAPI:
         """The service's process: an ASGI app whose lifespan runs the Kafka subscriber and the outbox
-        relay, serving /healthz (liveness), /readyz (readiness, shared.health) and /metrics
+        relay, serving /healthz (liveness), /readyz (readiness, shared.runtime.health) and /metrics
         (Prometheus). The ledger adds its API routes to it."""
         service = self
 

@@ -12,12 +12,13 @@ import typer
 from gputrace_verifier.cli import main as audit_main
 from rich.console import Console
 
-from shared.settings import Settings
+from shared.contract import SERVICES
+from shared.runtime.settings import Settings
 
 app = typer.Typer(help="gputrace: trace the national GPU programme from pledge to acceptance.", no_args_is_help=True)
 keys_app = typer.Typer(help="Party keys, the party registry, API tokens and the ledger key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-app.command("docs")(importlib.import_module("shared.docs").docs_command)
+app.command("docs")(importlib.import_module("tools.docs").docs_command)
 
 
 # A pass-through, so that `gputrace audit ...` and `gputrace-audit ...` are one command line.
@@ -31,13 +32,7 @@ def audit(ctx: typer.Context) -> None:
 
 console = Console()
 
-SERVICE_MODULES = {
-    "pledges": "services.pledges.main",
-    "quotes": "services.quotes.main",
-    "export_controls": "services.export_controls.main",
-    "deliveries": "services.deliveries.main",
-    "ledger": "services.ledger.main",
-}
+SERVICE_MODULES = {name: f"services.{name}.main" for name in SERVICES}
 
 
 @keys_app.command("init")
@@ -53,7 +48,8 @@ def keys_init(
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from services.ledger.auth import write_dev_tokens
-    from shared.parties import DEV_PARTIES, generate_dev_registry, write_private_key
+    from shared.contract.parties import write_private_key
+    from tools.devkeys import DEV_PARTIES, generate_dev_registry
 
     registry = generate_dev_registry(directory)
     ledger_key = directory / "ledger.key"
@@ -73,7 +69,7 @@ def topics(
     ] = None,
 ) -> None:
     """Create the project's topics with their declared partition counts."""
-    from shared.topics import ensure_topics
+    from shared.runtime.topics import ensure_topics
 
     servers = bootstrap or Settings().kafka_bootstrap_servers
     created = asyncio.run(ensure_topics(servers))
@@ -108,9 +104,9 @@ def publish(
 
     from aiokafka import AIOKafkaProducer
 
-    from shared.cloudevents import CloudEvent, now_rfc3339
     from shared.contract import EVENTS, party_source
-    from shared.parties import load_private_key
+    from shared.contract.cloudevents import CloudEvent, now_rfc3339
+    from shared.contract.parties import load_private_key
 
     spec = EVENTS.get(f"gputrace.{short_type}")
     if spec is None:
@@ -163,8 +159,8 @@ def run(
 
     from rich.markup import escape
 
-    from shared.devstack import SERVICES, Stack
-    from shared.ports import PortTaken, choose
+    from tools.devstack import Stack
+    from tools.ports import PortTaken, choose
 
     var_dir = var_dir.resolve()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -209,7 +205,7 @@ def run(
             raise typer.Exit(1)
         bootstrap = out.stdout.strip().splitlines()[-1]
         started_kafka = True
-    from shared.topics import ensure_topics
+    from shared.runtime.topics import ensure_topics
 
     asyncio.run(ensure_topics(bootstrap))
     stack = Stack(
@@ -264,7 +260,7 @@ def run(
         console.print("stopped.")
 
 
-app.command("demo")(importlib.import_module("shared.demo").demo)
+app.command("demo")(importlib.import_module("tools.demo").demo)
 
 ops_app = typer.Typer(help="Operations: what needs a person.", no_args_is_help=True)
 app.add_typer(ops_app, name="ops")
@@ -294,8 +290,8 @@ def ops_parked(
     from rich.table import Table
     from sqlalchemy.exc import SQLAlchemyError
 
-    from shared.db import make_engine
-    from shared.outbox import ParkedRow, list_parked
+    from shared.runtime.db import make_engine
+    from shared.runtime.outbox import ParkedRow, list_parked
 
     services = service or list(SERVICE_MODULES)
     unknown = [s for s in services if s not in SERVICE_MODULES]

@@ -4,10 +4,10 @@ aiokafka decodes header names strictly as UTF-8 while it unpacks a fetched batch
 extension and its pure-Python reader), before any of our code sees the record. The error escapes
 `getmany`, FastStream restarts the fetch at the same offset, and the partition is stuck for good.
 
-`install()` (called once at start-up by shared.service) swaps the fetcher's MemoryRecords for one
+`install()` (called once at start-up by shared.runtime.service) swaps the fetcher's MemoryRecords for one
 that keeps aiokafka's fast C decoding, and only for a batch that fails so re-reads that batch in
 Python, decoding header names with `surrogateescape`. The record then reaches the consumer,
-whose reader (shared.cloudevents.read_record) sees the undecodable name and dead-letters it with
+whose reader (shared.contract.cloudevents.read_record) sees the undecodable name and dead-letters it with
 its position. Written against aiokafka 0.14 (`aiokafka.record.*`); tests/test_admission.py
 checks it on bytes aiokafka itself builds, and tests/test_poison_e2e.py through a real broker.
 """

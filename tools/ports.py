@@ -2,7 +2,7 @@
 
 `gputrace run` and infra/kafka/kafka.sh refuse to start on a port another process listens on, and
 name that process, instead of quietly talking to whatever answers there. Standard library only:
-kafka.sh runs this file with the system python (`python3 shared/ports.py check PORT`). Reads
+kafka.sh runs this file with the system python (`python3 tools/ports.py check PORT`). Reads
 Linux's /proc (the listening sockets, then which process has one open); elsewhere it still
 knows a port is taken, only not by whom.
 """

@@ -1,4 +1,4 @@
-"""The partner contract of design.md §4: topics, event types, roles and the data of each type.
+"""The partner contract of docs/partner-contract.md §2–§4: topics, event types, roles and the data of each type.
 
 Pydantic models here are the schema a partner's `data` must satisfy; domain rules (amounts
 positive, quantities within an award, ...) live in the services, so that a rule broken gives
@@ -7,6 +7,7 @@ its own reason code rather than a generic schema error.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -29,8 +30,11 @@ def decisions_topic(service: str) -> str:
     return f"gputrace.{service.replace('_', '-')}.decisions.v1"
 
 
-SERVICES = ("pledges", "quotes", "export_controls", "deliveries")
-DECISION_TOPICS = frozenset(decisions_topic(s) for s in SERVICES)
+# The one list of the system's services: the four that decide, then the ledger that records.
+DECIDING_SERVICES = ("pledges", "quotes", "export_controls", "deliveries")
+LEDGER = "ledger"
+SERVICES = (*DECIDING_SERVICES, LEDGER)
+DECISION_TOPICS = frozenset(decisions_topic(s) for s in DECIDING_SERVICES)
 
 # Partition counts are declared here and created by the project (auto-creation is off).
 TOPIC_PARTITIONS: dict[str, int] = {
@@ -40,7 +44,7 @@ TOPIC_PARTITIONS: dict[str, int] = {
     LOGISTICS_TOPIC: 3,
     OUTCOMES_TOPIC: 3,
     DLQ_TOPIC: 1,
-    **{decisions_topic(s): 3 for s in SERVICES},
+    **{decisions_topic(s): 3 for s in DECIDING_SERVICES},
 }
 
 # Partner events and decisions are the record a service (or a new ledger) rebuilds from: kept
@@ -48,7 +52,7 @@ TOPIC_PARTITIONS: dict[str, int] = {
 RETAIN_FOREVER = {"retention.ms": "-1"}
 # The largest record batch a topic accepts (max.message.bytes) and the largest record the outbox
 # relay's producer sends (max_request_size): the same number, so a record the producer lets
-# through is never refused by the broker for its size (a larger one is parked, shared.outbox).
+# through is never refused by the broker for its size (a larger one is parked, shared.runtime.outbox).
 MAX_RECORD_BYTES = 1_048_576
 _SIZE = {"max.message.bytes": str(MAX_RECORD_BYTES)}
 TOPIC_CONFIGS: dict[str, dict[str, str]] = {
@@ -130,6 +134,20 @@ MAX_SAFE_INTEGER = 2**53 - 1  # |n| for any integer in `data` (I-JSON, RFC 7493)
 # Dates and times in `data` and `ce_time` must fall in these years (a typo like 9999 is caught).
 EARLIEST_YEAR = 2020
 LATEST_YEAR = 2100
+
+
+def fit(text: str, limit: int) -> str:
+    """A sender-controlled string made safe for a bounded text column (or a log): returned as is
+    when it fits and is plain text; else cleaned (U+0000 and lone surrogates replaced, which
+    PostgreSQL and UTF-8 refuse) and cut to `limit` characters ending in `#` and 16 hex digits of
+    the original's SHA-256, so distinct inputs stay distinct (idempotency keys stay keys)."""
+    clean = text.replace("\x00", "\ufffd")
+    if not clean.isascii():
+        clean = clean.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if clean == text and len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{clean[: max(0, limit - 17)]}#{digest}"
 
 
 # --- value types --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from shared.contract import MAX_RECORD_BYTES, TOPIC_CONFIGS, TOPIC_PARTITIONS
 log = logging.getLogger(__name__)
 
 # Internal, never written: the outbox relays commit their progress as offsets of this topic's one
-# partition inside their Kafka transactions (shared.outbox). The broker accepts offsets only for an
+# partition inside their Kafka transactions (shared.runtime.outbox). The broker accepts offsets only for an
 # existing topic; a topic of its own keeps that bookkeeping out of every real topic's lag.
 RELAY_PROGRESS_TOPIC = "gputrace.relay-progress.v1"
 INTERNAL_TOPICS: dict[str, int] = {RELAY_PROGRESS_TOPIC: 1}

@@ -57,24 +57,6 @@ class PartyRegistry:
         return iter(self._by_id.values())
 
 
-# The parties of the 2025 programme, for development and the demo.
-DEV_PARTIES: list[tuple[str, str, list[Role]]] = [
-    ("nhn-cloud", "NHN Cloud", [Role.PARTNER]),
-    ("kakao", "Kakao", [Role.PARTNER]),
-    ("naver-cloud", "Naver Cloud", [Role.PARTNER]),
-    ("kt-cloud", "KT Cloud", [Role.PARTNER]),
-    ("kdb", "Korea Development Bank", [Role.PARTNER]),
-    ("ibk", "Industrial Bank of Korea", [Role.PARTNER]),
-    ("nipa", "National AI Computing Center programme office", [Role.PROGRAM_OFFICE]),
-    ("nvidia-partner-kr", "NVIDIA Partner Network Korea", [Role.VENDOR]),
-    ("supermicro-apac", "Supermicro APAC", [Role.VENDOR]),
-    ("dell-korea", "Dell Technologies Korea", [Role.VENDOR]),
-    ("bis-liaison", "Licensing authority liaison", [Role.LICENSING_AUTHORITY]),
-    ("korea-logistics", "Korea Logistics Co.", [Role.LOGISTICS]),
-    ("haenam-site", "National AI Computing Center, Haenam", [Role.SITE]),
-]
-
-
 def public_key_b64(key: Ed25519PublicKey) -> str:
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode()
@@ -91,27 +73,3 @@ def load_private_key(path: Path | str) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 private key")
     return key
-
-
-def generate_dev_registry(directory: Path) -> Path:
-    """Write registry.json and <party>.key files; existing keys are kept, so re-running is safe."""
-    directory.mkdir(parents=True, exist_ok=True)
-    parties = []
-    for party_id, name, roles in DEV_PARTIES:
-        key_path = directory / f"{party_id}.key"
-        if key_path.exists():
-            key = load_private_key(key_path)
-        else:
-            key = Ed25519PrivateKey.generate()
-            write_private_key(key_path, key)
-        parties.append(
-            {
-                "id": party_id,
-                "name": name,
-                "roles": [r.value for r in roles],
-                "public_key": public_key_b64(key.public_key()),
-            }
-        )
-    registry = directory / "registry.json"
-    registry.write_text(json.dumps({"parties": parties}, indent=2) + "\n")
-    return registry

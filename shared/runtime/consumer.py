@@ -36,16 +36,6 @@ from sqlalchemy import exc as sa_exc
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from shared.aggregates import AggregateCache
-from shared.cloudevents import (
-    CloudEvent,
-    Received,
-    UnreadableRecord,
-    child_trace,
-    now_rfc3339,
-    printable,
-    read_record,
-)
 from shared.contract import (
     DLQ_TOPIC,
     EVENTS,
@@ -55,10 +45,19 @@ from shared.contract import (
     EventSpec,
     ReasonCode,
     decisions_topic,
+    fit,
     service_source,
 )
-from shared.db import DeliveryFailure, ProcessedMessage, fit, utcnow
-from shared.decisions import (
+from shared.contract.cloudevents import (
+    CloudEvent,
+    Received,
+    UnreadableRecord,
+    child_trace,
+    now_rfc3339,
+    printable,
+    read_record,
+)
+from shared.contract.decisions import (
     DECISION_TYPE,
     DLQ_TYPE,
     OUTCOME_TYPE,
@@ -69,9 +68,11 @@ from shared.decisions import (
     Verdict,
     decision_id,
 )
-from shared.observability import DEAD_LETTERS, DECISIONS, DUPLICATES, EVENTS_CONSUMED
-from shared.outbox import Pending, enqueue, pending_of
-from shared.parties import PartyRegistry, RegisteredParty
+from shared.contract.parties import PartyRegistry, RegisteredParty
+from shared.runtime.aggregates import AggregateCache
+from shared.runtime.db import DeliveryFailure, ProcessedMessage, utcnow
+from shared.runtime.observability import DEAD_LETTERS, DECISIONS, DUPLICATES, EVENTS_CONSUMED
+from shared.runtime.outbox import Pending, enqueue, pending_of
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Emitter:
 
 InternalHandler = Callable[[AsyncSession, CloudEvent, Decision, Emitter], Awaitable[None]]
 BatchHook = Callable[[AsyncSession], Awaitable[None]]
-# Loads, in a query or two, the rows the batch's handlers will read (shared.aggregates.load):
+# Loads, in a query or two, the rows the batch's handlers will read (shared.runtime.aggregates.load):
 # given the batch's new events, before the first is decided. Only an optimisation: a key it
 # misses is read by the handler's own `aggregates.get`.
 Prefetch = Callable[[AsyncSession, Sequence[CloudEvent]], Awaitable[None]]
@@ -248,7 +249,7 @@ class BatchProcessor:
     subscriber feeds it records and acks once `process` has returned.
 
     Fast path: the whole batch in one transaction, one query for the idempotency keys, one
-    prefetch of the rows the handlers read (shared.aggregates), no savepoints, and the handlers'
+    prefetch of the rows the handlers read (shared.runtime.aggregates), no savepoints, and the handlers'
     changes flushed once at the end. If a handler fails or rejects an event after changing
     state, or the database refuses a write, the transaction is rolled back and the batch
     replayed in safe mode: a savepoint per record, so the failing record alone is rolled back

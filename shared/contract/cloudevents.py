@@ -1,4 +1,4 @@
-"""CloudEvents 1.0 in Kafka binary mode, and the partner signature of design.md §4.
+"""CloudEvents 1.0 in Kafka binary mode, and the partner signature of docs/partner-contract.md §2–§4.
 
 Binary mode: the record value is the JSON `data`; every other attribute is a `ce_<name>`
 header, `content-type` stands for `datacontenttype`. The signature (`ce_signature`) is the
@@ -34,8 +34,8 @@ from shared.contract import (
     MAX_STRING_CHARS,
     MAX_SUBJECT_CHARS,
     MAX_TYPE_CHARS,
+    fit,
 )
-from shared.db import fit
 
 CE_PREFIX = "ce_"
 CONTENT_TYPE = "application/json"
@@ -80,7 +80,7 @@ class CloudEvent:
         return attrs
 
     def structured(self) -> dict[str, Any]:
-        """The structured form the signature covers (design.md §4)."""
+        """The structured form the signature covers (docs/partner-contract.md §2–§4)."""
         return {**self.attributes(), "data": self.data}
 
     def signing_input(self) -> bytes:

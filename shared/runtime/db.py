@@ -5,7 +5,6 @@ PostgreSQL when DATABASE_URL is given; a SQLite file otherwise (the embedded def
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -17,20 +16,6 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def fit(text: str, limit: int) -> str:
-    """A sender-controlled string made safe for a bounded text column (or a log): returned as is
-    when it fits and is plain text; else cleaned (U+0000 and lone surrogates replaced, which
-    PostgreSQL and UTF-8 refuse) and cut to `limit` characters ending in `#` and 16 hex digits of
-    the original's SHA-256, so distinct inputs stay distinct (idempotency keys stay keys)."""
-    clean = text.replace("\x00", "\ufffd")
-    if not clean.isascii():
-        clean = clean.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    if clean == text and len(text) <= limit:
-        return text
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{clean[: max(0, limit - 17)]}#{digest}"
 
 
 class ProcessedMessage(SQLModel, table=True):
@@ -47,7 +32,7 @@ class ProcessedMessage(SQLModel, table=True):
 class DeliveryFailure(SQLModel, table=True):
     """Failed tries of a record's handler, by Kafka position, committed apart from the (rolled
     back) batch: counted across redeliveries and restarts, so a poison record is given up after a
-    bounded number of tries (shared.consumer.MAX_TRIES) instead of looping."""
+    bounded number of tries (shared.runtime.consumer.MAX_TRIES) instead of looping."""
 
     __tablename__ = "delivery_failures"
 
@@ -72,7 +57,7 @@ class OutboxMessage(SQLModel, table=True):
 
 class ParkedOutboxMessage(SQLModel, table=True):
     """Outbox rows that can never be sent (too large, refused by the broker), moved aside with the
-    reason so the rows behind them flow (shared.outbox); listed by `gputrace ops parked`."""
+    reason so the rows behind them flow (shared.runtime.outbox); listed by `gputrace ops parked`."""
 
     __tablename__ = "outbox_parked"
 
