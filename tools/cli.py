@@ -59,7 +59,8 @@ def keys_init(
     tokens = write_dev_tokens(directory / "tokens.json", partners)
     console.print(f"registry   {registry}")
     console.print(f"ledger key {ledger_key}")
-    console.print(f"auditor token: [bold]{tokens['auditor']}[/bold]   (all tokens: {directory / 'tokens.json'})")
+    # tokens.json holds only hashes; the plain development tokens are in tokens.dev.json.
+    console.print(f"auditor token: [bold]{tokens['auditor']}[/bold]   (all tokens: {directory / 'tokens.dev.json'})")
 
 
 @app.command("topics")
@@ -232,8 +233,8 @@ def run(
     try:
         stack.start()
         stack.wait_ready(timeout=120)
-        tokens = json.loads((keys / "tokens.json").read_text())["tokens"]
-        auditor = next(t["token"] for t in tokens if t["role"] == "auditor")
+        # The hashed tokens.json cannot give it back: the development file keeps the plain tokens.
+        auditor = json.loads((keys / "tokens.dev.json").read_text())["auditor"]
         ports = ", ".join(f"{n} :{stack.ports[n]}" for n in SERVICES)
         console.print(f"  /healthz, /readyz and /metrics: {ports}")
         console.print(f"[green]gputrace is running[/green]: Kafka {bootstrap}, services {', '.join(SERVICES)}")

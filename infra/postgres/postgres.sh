@@ -5,6 +5,8 @@
 #   postgres.sh stop [--dir D]               fast shutdown (pg_ctl -m fast), waits
 #   postgres.sh status [--dir D]             exit 0 and print the URL if running, else exit 1
 #   postgres.sh createdb NAME [--dir D]      creates NAME if missing, prints its URL
+#   postgres.sh ledger-roles NAME [--dir D]  the ledger's owner and run-time roles for database NAME
+#                                            (docs/ops.md); prints the run-time role's URL
 #
 # D holds the cluster in D/data and its log in D/postgres.log. `start` on an existing D restarts
 # the same cluster on the same port (after a kill -9 PostgreSQL runs crash recovery itself).
@@ -175,10 +177,42 @@ cmd_createdb() {
     url "$port" "$name"
 }
 
+# The owner creates the tables and the append-only triggers; the run-time role may read and write
+# rows but, not owning the tables, cannot drop or disable the triggers (docs/ops.md).
+cmd_ledger_roles() {
+    parse_args "$@"
+    [[ ${#ARGS[@]} -eq 1 ]] || die "usage: ledger-roles NAME [--dir D]"
+    local name="${ARGS[0]}" port
+    [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "database name must be a plain identifier: $name"
+    is_running || die "not running in $DIR"
+    ensure_postgres
+    port="$(configured_port)"
+    "$BINDIR/psql" -v ON_ERROR_STOP=1 -q -h 127.0.0.1 -p "$port" -U postgres -d "$name" >&2 <<SQL
+DO \$\$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'gputrace_ledger_owner') THEN
+        CREATE ROLE gputrace_ledger_owner LOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'gputrace_ledger_app') THEN
+        CREATE ROLE gputrace_ledger_app LOGIN;
+    END IF;
+END \$\$;
+ALTER DATABASE "$name" OWNER TO gputrace_ledger_owner;
+ALTER SCHEMA public OWNER TO gputrace_ledger_owner;
+GRANT CONNECT ON DATABASE "$name" TO gputrace_ledger_app;
+GRANT USAGE ON SCHEMA public TO gputrace_ledger_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE gputrace_ledger_owner IN SCHEMA public
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO gputrace_ledger_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE gputrace_ledger_owner IN SCHEMA public
+    GRANT USAGE, SELECT ON SEQUENCES TO gputrace_ledger_app;
+SQL
+    echo "postgresql+psycopg://gputrace_ledger_app@127.0.0.1:$port/$name"
+}
+
 case "${1:-}" in
     start) shift; cmd_start "$@" ;;
     stop) shift; cmd_stop "$@" ;;
     status) shift; cmd_status "$@" ;;
     createdb) shift; cmd_createdb "$@" ;;
-    *) echo "usage: $0 {start [--port P] [--dir D]|stop [--dir D]|status [--dir D]|createdb NAME [--dir D]}" >&2; exit 2 ;;
+    ledger-roles) shift; cmd_ledger_roles "$@" ;;
+    *) echo "usage: $0 {start [--port P] [--dir D]|stop [--dir D]|status [--dir D]|createdb NAME [--dir D]|ledger-roles NAME [--dir D]}" >&2; exit 2 ;;
 esac

@@ -97,6 +97,14 @@ async def project_batch(session: AsyncSession, decision: Decision, leaf_index: i
     if not decision.batch_id or decision.service == "pledges":
         return  # pledges earmarked for a batch are joined in at read time, from the pledge view
     view = await aggregates.get(session, BatchView, decision.batch_id)
+    if decision.status != "accepted":
+        # A rejection is in the log (a fact) and its anomalies above are listed for auditors, but
+        # it creates no batch and links no party: its batch id and party are only what a
+        # partner claimed (kakao rejected NOT_AUTHORIZED on B-1 must not read B-1).
+        if view is not None and decision.anomalies:
+            view.anomalies += len(decision.anomalies)
+            session.add(view)
+        return
     if view is None:
         view = BatchView(batch_id=decision.batch_id)
     state = json.loads(view.state)
@@ -111,14 +119,13 @@ async def project_batch(session: AsyncSession, decision: Decision, leaf_index: i
     view.status = status_of(state)
     view.state = json.dumps(state)
     session.add(view)
+    # Accepted implies the event's signature verified, so decision.party_id is authenticated here.
     for party in filter(None, {decision.party_id, award.get("vendor_id")}):
         if await aggregates.get(session, BatchParty, (decision.batch_id, party)) is None:
             session.add(BatchParty(batch_id=decision.batch_id, party_id=party))
 
 
 def _fold(state: dict[str, Any], d: Decision, leaf_index: int) -> None:
-    if d.status != "accepted":
-        return
     for part in ("batch", "award", "export", "delivery"):
         if part in d.facts:
             state[part] = {**d.facts[part], "leaf_index": leaf_index}

@@ -78,8 +78,17 @@ APPEND_ONLY = ("log_entries", "log_nodes", "log_checkpoints")
 
 
 async def install_append_only_guards(conn: AsyncConnection) -> None:
-    """UPDATE, DELETE (and TRUNCATE) on the log tables are refused by the database itself."""
+    """UPDATE, DELETE (and TRUNCATE) on the log tables are refused by the database itself, and
+    the head's size can only grow. In production the tables and these triggers are owned by a
+    separate role from the one the service runs as (docs/ops.md), so it cannot drop them."""
     if conn.dialect.name == "postgresql":
+        if not await _owns_log(conn):
+            # The run-time role (docs/ops.md): it may not touch the triggers, the owner installed
+            # them; refuse to run on a log that has lost them.
+            missing = await missing_guards(conn)
+            if missing:
+                raise RuntimeError(f"the ledger's append-only triggers are missing: {', '.join(missing)}")
+            return
         await conn.execute(
             text(
                 "CREATE OR REPLACE FUNCTION gputrace_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
@@ -105,6 +114,25 @@ async def install_append_only_guards(conn: AsyncConnection) -> None:
             # would otherwise silence them for anyone allowed to set it.
             for trigger in (f"{table}_append_only", f"{table}_no_truncate"):
                 await conn.execute(text(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}"))
+        # The head may only grow: lowering it (or deleting it) would make the next appends
+        # overwrite leaf indices and quietly start a shorter log.
+        await conn.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION gputrace_head_grows() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN IF TG_OP <> 'UPDATE' OR NEW.size < OLD.size OR NEW.id <> OLD.id THEN "
+                "RAISE EXCEPTION 'ledger log head can only grow (% refused)', TG_OP; END IF; RETURN NEW; END $$"
+            )
+        )
+        for name, when in (("grows", "UPDATE OR DELETE"), ("no_truncate", "TRUNCATE")):
+            each = "STATEMENT" if when == "TRUNCATE" else "ROW"
+            await conn.execute(text(f"DROP TRIGGER IF EXISTS log_head_{name} ON log_head"))
+            await conn.execute(
+                text(
+                    f"CREATE TRIGGER log_head_{name} BEFORE {when} ON log_head "
+                    f"FOR EACH {each} EXECUTE FUNCTION gputrace_head_grows()"
+                )
+            )
+            await conn.execute(text(f"ALTER TABLE log_head ENABLE ALWAYS TRIGGER log_head_{name}"))
     else:
         for table in APPEND_ONLY:
             for op in ("UPDATE", "DELETE"):
@@ -114,6 +142,53 @@ async def install_append_only_guards(conn: AsyncConnection) -> None:
                         f"BEGIN SELECT RAISE(ABORT, 'ledger table {table} is append-only ({op} refused)'); END"
                     )
                 )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER IF NOT EXISTS log_head_grows BEFORE UPDATE ON log_head "
+                "WHEN NEW.size < OLD.size OR NEW.id <> OLD.id "
+                "BEGIN SELECT RAISE(ABORT, 'ledger log head can only grow (UPDATE refused)'); END"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER IF NOT EXISTS log_head_no_delete BEFORE DELETE ON log_head "
+                "BEGIN SELECT RAISE(ABORT, 'ledger log head can only grow (DELETE refused)'); END"
+            )
+        )
+
+
+GUARD_TRIGGERS = (
+    *(f"{t}_{kind}" for t in APPEND_ONLY for kind in ("append_only", "no_truncate")),
+    "log_head_grows",
+    "log_head_no_truncate",
+)
+
+
+async def _owns_log(conn: AsyncConnection) -> bool:
+    owner = await conn.scalar(text("SELECT tableowner FROM pg_tables WHERE tablename = 'log_entries'"))
+    return owner is None or owner == await conn.scalar(text("SELECT current_user"))
+
+
+async def missing_guards(conn: AsyncConnection) -> list[str]:
+    """PostgreSQL: the guard triggers that are absent or not enabled ALWAYS ('A')."""
+    rows = await conn.execute(
+        text("SELECT tgname FROM pg_trigger WHERE tgname = ANY(:names) AND tgenabled = 'A'"),
+        {"names": list(GUARD_TRIGGERS)},
+    )
+    present = {name for (name,) in rows}
+    return [t for t in GUARD_TRIGGERS if t not in present]
+
+
+def runtime_grants(role: str) -> list[str]:
+    """SQL giving the ledger's run-time role what it needs and no more: rows, not tables. Not the
+    owner, it cannot DROP or DISABLE the triggers (or the tables); the triggers refuse its
+    UPDATE/DELETE on the log. The owner runs these after creating the schema (docs/ops.md)."""
+    quoted = '"' + role.replace('"', '""') + '"'
+    return [
+        f"GRANT USAGE ON SCHEMA public TO {quoted}",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {quoted}",
+        f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {quoted}",
+    ]
 
 
 @dataclass

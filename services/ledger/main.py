@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import logging
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 
 from services.ledger.api import router
 from services.ledger.appender import Appender
-from services.ledger.auth import load_tokens
+from services.ledger.auth import TokenFileError, Tokens, load_tokens
 from services.ledger.dashboard import router as dashboard_router
 from services.ledger.log import LOG_TABLES, install_append_only_guards
 from services.ledger.log_api import log_router
 from services.ledger.projections import PROJECTION_TABLES, prefetch
 from shared.contract import DECIDING_SERVICES, decisions_topic
-from shared.contract.parties import load_private_key, write_private_key
+from shared.contract.parties import PartyRegistry, load_private_key
 from shared.runtime.service import Service
 from shared.runtime.settings import Settings
 
@@ -25,15 +26,30 @@ SERVICE = "ledger"
 log = logging.getLogger(__name__)
 
 
-def _signing_key(settings: Settings):  # type: ignore[no-untyped-def]
+class LedgerConfigError(RuntimeError):
+    """The ledger cannot start as configured; the message says what to do."""
+
+
+def _signing_key(settings: Settings) -> Ed25519PrivateKey:
     path = settings.ledger_signing_key
     if not path.exists():
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        log.warning("no ledger signing key at %s; generating a development key", path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_private_key(path, Ed25519PrivateKey.generate())
+        # Never generated here: a new key is a new log identity that no auditor trusts, and it
+        # would let a deleted key quietly "reset" the log.
+        raise LedgerConfigError(
+            f"no ledger signing key at {path}: create it once with `gputrace keys init` "
+            "(or set LEDGER_SIGNING_KEY to the existing key); the ledger will not invent a new identity"
+        )
     return load_private_key(path)
+
+
+def _tokens(settings: Settings) -> Tokens:
+    registry = PartyRegistry.load(settings.party_registry) if settings.party_registry.exists() else None
+    if registry is None:
+        log.warning("no party registry at %s: partner tokens are checked for a party_id only", settings.party_registry)
+    try:
+        return load_tokens(settings.api_tokens, registry)
+    except TokenFileError as exc:
+        raise LedgerConfigError(f"refusing to start: {exc}") from exc
 
 
 def build_service(settings: Settings | None = None) -> Service:
@@ -52,6 +68,7 @@ def build_service(settings: Settings | None = None) -> Service:
 
 def create_app(settings: Settings | None = None, consume: bool = True) -> FastAPI:
     settings = settings or Settings()
+    tokens = _tokens(settings)  # first: a bad tokens file stops start-up before anything else
     service = build_service(settings)
 
     async def guard_log() -> None:
@@ -65,7 +82,7 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
         consume=consume,
     )
     app.version = "1.0.0"
-    app.state.tokens = load_tokens(settings.api_tokens)
+    app.state.tokens = tokens
     app.include_router(router)
     app.include_router(log_router)
     app.include_router(dashboard_router)
@@ -74,7 +91,12 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
 
 def main() -> None:
     settings = Settings()
-    service_app = create_app(settings)
+    try:
+        service_app = create_app(settings)
+    except LedgerConfigError as exc:
+        # One clear line and a non-zero exit, not a traceback.
+        log.critical("%s", exc)
+        raise SystemExit(f"ledger: {exc}") from None
     service_app.state.service.serve(service_app)
 
 

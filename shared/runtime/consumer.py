@@ -71,7 +71,7 @@ from shared.contract.decisions import (
 from shared.contract.parties import PartyRegistry, RegisteredParty
 from shared.runtime.aggregates import AggregateCache
 from shared.runtime.db import DeliveryFailure, ProcessedMessage, utcnow
-from shared.runtime.observability import DEAD_LETTERS, DECISIONS, DUPLICATES, EVENTS_CONSUMED
+from shared.runtime.observability import DEAD_LETTERS, DECISIONS, DUPLICATES, EVENTS_CONSUMED, event_type_label
 from shared.runtime.outbox import Pending, enqueue, pending_of
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class Emitter:
             facts=verdict.facts,
             anomalies=verdict.anomalies,
         )
-        publish_decision(self._session, decision, trace=self._trace)
+        publish_decision(self._session, decision, trace=self._trace, trusted_type=True)
         self.emitted.append(decision)
         return decision
 
@@ -141,8 +141,12 @@ BatchHook = Callable[[AsyncSession], Awaitable[None]]
 Prefetch = Callable[[AsyncSession, Sequence[CloudEvent]], Awaitable[None]]
 
 
-def publish_decision(session: AsyncSession, decision: Decision, trace: dict[str, str] | None = None) -> None:
-    DECISIONS.labels(decision.service, decision.event_type, decision.status, decision.reason_code or "").inc()
+def publish_decision(
+    session: AsyncSession, decision: Decision, trace: dict[str, str] | None = None, trusted_type: bool = False
+) -> None:
+    # trusted_type: the service chose the type (Emitter); otherwise it is the partner's ce_type.
+    label = decision.event_type if trusted_type else event_type_label(decision.event_type)
+    DECISIONS.labels(decision.service, label, decision.status, decision.reason_code or "").inc()
     enqueue(
         session,
         decisions_topic(decision.service),

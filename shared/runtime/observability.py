@@ -10,6 +10,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.contract import EVENTS
+
 EVENTS_CONSUMED = Counter("gputrace_events_consumed_total", "Records consumed", ["service", "topic"])
 DECISIONS = Counter("gputrace_decisions_total", "Decisions taken", ["service", "event_type", "status", "reason"])
 DEAD_LETTERS = Counter("gputrace_dead_letters_total", "Records sent to the DLQ", ["service", "topic"])
@@ -21,6 +23,15 @@ OUTBOX_PARKED = Counter(
     "gputrace_outbox_parked_total", "Outbox rows that can never be sent, parked for ops", ["service", "reason"]
 )
 LEDGER_SIZE = Gauge("gputrace_ledger_size", "Entries in the ledger's Merkle log")
+
+OTHER = "other"
+
+
+def event_type_label(event_type: str) -> str:
+    """A partner chooses ce_type: only the contract's types become label values, anything else is
+    `other`, so a sender cannot grow /metrics with one new series per random type (or write
+    into it)."""
+    return event_type if event_type in EVENTS else OTHER
 
 
 class JsonFormatter(logging.Formatter):

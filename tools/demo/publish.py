@@ -303,15 +303,15 @@ async def wait_for_ledger(
 
 
 def read_auditor_token(keys_dir: Path) -> str:
-    path = keys_dir / "tokens.json"
+    # tokens.json holds only hashes; `gputrace keys init` keeps the plain development tokens here.
+    path = keys_dir / "tokens.dev.json"
     try:
-        tokens = json.loads(path.read_text())["tokens"]
-    except (OSError, ValueError, KeyError) as exc:
+        tokens = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
         raise DemoFailure(f"no auditor token: cannot read {path} ({exc}); pass --token") from exc
-    for t in tokens:
-        if t.get("role") == "auditor":
-            return str(t["token"])
-    raise DemoFailure(f"no token with role auditor in {path}; pass --token")
+    if isinstance(tokens, dict) and isinstance(tokens.get("auditor"), str):
+        return tokens["auditor"]
+    raise DemoFailure(f"no auditor token in {path}; pass --token")
 
 
 async def check_ledger(api: httpx.AsyncClient) -> None:

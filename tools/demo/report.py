@@ -93,7 +93,7 @@ def print_report(console: Console, report: DemoReport, cfg: DemoConfig) -> None:
     console.print(f"  dashboard  {api}/")
     console.print(f"  batches    {api}/v1/batches?program_id={report.programme.program_id}")
     console.print(f"  verify     gputrace audit --url {api} --token {token} --tofu verify", soft_wrap=True)
-    source = "--token" if cfg.token else f"{cfg.keys_dir / 'tokens.json'} (the entry with role auditor)"
+    source = "--token" if cfg.token else f"{cfg.keys_dir / 'tokens.dev.json'} (auditor)"
     console.print(f"  auditor token: {source}")
 
 
@@ -106,9 +106,9 @@ def demo(
     bootstrap: Annotated[str, typer.Option(envvar="KAFKA_BOOTSTRAP_SERVERS", help="Kafka bootstrap servers.")] = (
         "127.0.0.1:9092"
     ),
-    keys: Annotated[Path, typer.Option(help="Directory of <party>.key files (and tokens.json).")] = Path("var/keys"),
+    keys: Annotated[Path, typer.Option(help="Directory of <party>.key files, tokens.dev.json.")] = Path("var/keys"),
     api: Annotated[str, typer.Option(help="Base URL of the ledger API.")] = "http://127.0.0.1:8000",
-    token: Annotated[str | None, typer.Option(help="Auditor token (default: read from <keys>/tokens.json).")] = None,
+    token: Annotated[str | None, typer.Option(help="Auditor token (default: <keys>/tokens.dev.json).")] = None,
     program_id: Annotated[str, typer.Option(help="Programme id of every pledge and batch.")] = "KR-NAICC-2025",
     scale: Annotated[float, typer.Option(min=0.0001, max=10.0, help="Fraction of the real quantities.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed of the random choices (damaged and failed units).")] = None,
