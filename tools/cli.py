@@ -334,5 +334,58 @@ def ops_parked(
     console.print(f"{total} parked row(s)")
 
 
+screening_app = typer.Typer(help="Restricted-party screening lists (see docs/screening.md).", no_args_is_help=True)
+app.add_typer(screening_app, name="screening")
+
+
+@screening_app.command("import")
+def screening_import(
+    file: Annotated[
+        Path, typer.Argument(help="The Consolidated Screening List, as trade.gov publishes it (JSON or CSV)")
+    ],
+    var_dir: Annotated[Path, typer.Option(help="Where snapshots are kept (VAR_DIR/screening)")] = Path("var"),
+    source_date: Annotated[
+        str | None, typer.Option(help="The file's date (YYYY-MM-DD); required for CSV, which names none")
+    ] = None,
+    activate: Annotated[bool, typer.Option(help="Make the new snapshot the active one")] = True,
+) -> None:
+    """Store a CSL file as an immutable, content-hashed snapshot and make it the active one."""
+    from datetime import date
+
+    from services.export_controls.domain import ExportControlError
+    from services.export_controls.domain.snapshots import import_csl
+
+    try:
+        when = date.fromisoformat(source_date) if source_date else None
+    except ValueError as exc:
+        raise typer.BadParameter(f"--source-date: {exc}") from None
+    try:
+        snap = import_csl(file.read_bytes(), var_dir, source_file=file.name, source_date=when, activate=activate)
+    except (OSError, ExportControlError) as exc:
+        typer.echo(f"import failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        json.dumps(
+            {
+                "sha256": snap.sha256,
+                "source_date": snap.snapshot_date.isoformat(),
+                "entries": len(snap.entries),
+                "active": activate,
+            }
+        )
+    )
+
+
+@screening_app.command("list")
+def screening_list(
+    var_dir: Annotated[Path, typer.Option(help="Where snapshots are kept (VAR_DIR/screening)")] = Path("var"),
+) -> None:
+    """The stored snapshots, one JSON object per line (hash, source date, entries, active)."""
+    from services.export_controls.domain.snapshots import list_snapshots
+
+    for row in list_snapshots(var_dir):
+        typer.echo(json.dumps(row))
+
+
 if __name__ == "__main__":
     app()

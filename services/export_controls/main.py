@@ -103,7 +103,7 @@ def _facts(case: Case) -> dict[str, object]:
 class ExportControls:
     def __init__(self, settings: Settings) -> None:
         # Every data file loaded and checked now: a fault stops the start-up (see main()).
-        self.book = load_rulebook(settings.export_data_dir, settings.export_ruleset)
+        self.book = load_rulebook(settings.export_data_dir, settings.export_ruleset, var_dir=settings.var_dir)
 
     async def on_decision(self, session: AsyncSession, event: CloudEvent, decision: Decision, emit: Emitter) -> None:
         """React to accepted awards; every other decision of the quotes service is not ours."""

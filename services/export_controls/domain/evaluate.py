@@ -16,6 +16,7 @@ from .catalogue import Catalogue, GpuSpec, default_catalogue
 from .classification import Classification, classify, fmt_tpp
 from .models import (
     CountryStatus,
+    Explanation,
     ExportDecision,
     ExportRequest,
     QuotaEvaluation,
@@ -24,6 +25,7 @@ from .models import (
     RulesetRef,
     ScreeningEvidence,
     ScreeningFinding,
+    ScreeningHit,
 )
 from .rulesets import (
     OUTCOME_SEVERITY,
@@ -37,7 +39,7 @@ from .rulesets import (
     get_ruleset,
     select_ruleset,
 )
-from .screening import PartyScreening, Screener, default_screener
+from .screening import MatchedEntry, PartyScreening, Screener, default_screener
 
 
 @dataclass(frozen=True)
@@ -308,11 +310,17 @@ def _evaluate_requirement(
 # --- screening ------------------------------------------------------------------------------
 
 
+def _listing(entry: MatchedEntry) -> str:
+    # The citation a licensing officer checks: when listed, and the notice that listed it.
+    listed = entry.start_date.isoformat() if entry.start_date else "listing date unknown"
+    return f"; listed {listed}" + (f", {entry.federal_register_notice}" if entry.federal_register_notice else "")
+
+
 def _screen(ctx: _Ctx, reasoning: list[str]) -> tuple[list[PartyScreening], list[ScreeningFinding]]:
     rs, sl = ctx.rs, ctx.screener.list
     parties = [
-        ctx.screener.screen(ctx.req.consignee.name, "consignee"),
-        ctx.screener.screen(ctx.req.end_user.name, "end_user"),
+        ctx.screener.screen(ctx.req.consignee.name, "consignee", on=ctx.req.decision_date),
+        ctx.screener.screen(ctx.req.end_user.name, "end_user", on=ctx.req.decision_date),
     ]
     findings: list[ScreeningFinding] = []
     for p in parties:
@@ -333,9 +341,15 @@ def _screen(ctx: _Ctx, reasoning: list[str]) -> tuple[list[PartyScreening], list
             )
             reasoning.append(
                 f"Screening: {role} '{p.name}' matches {entry.list} entry '{entry.name}' ({entry.id}, via "
-                f"'{entry.matched_name}'{', contains the listed name' if p.method == 'contains_listed_name' else ''}) "
-                f"with score {p.best_score:.1f} ≥ {p.threshold:g} "
+                f"'{entry.matched_name}'{', contains the listed name' if p.method == 'contains_listed_name' else ''}"
+                f"{_listing(entry)}) with score {p.best_score:.1f} ≥ {p.threshold:g} "
                 f"(snapshot {sl.snapshot_date.isoformat()}) → {rule.outcome}: {rule.basis.strip()}"
+            )
+        elif entry is not None and p.review:
+            reasoning.append(
+                f"Screening: {role} '{p.name}' — near miss for review: best score {p.best_score:.1f} in "
+                f"[{p.review_threshold:g}, {p.threshold:g}) against {entry.list} entry '{entry.name}' ({entry.id}, "
+                f"via '{entry.matched_name}'{_listing(entry)}; snapshot {sl.snapshot_date.isoformat()})."
             )
         elif entry is not None:
             reasoning.append(
@@ -377,6 +391,8 @@ def evaluate(
         rs, selected_by = select_ruleset(on, rulesets), "decision_date"
     else:
         rs, selected_by = (get_ruleset(ruleset, rulesets) if isinstance(ruleset, str) else ruleset), "explicit"
+    # Country groups as they stood on the decision date (dated memberships in country_groups.yaml).
+    rs = rs.model_copy(update={"membership_date": on})
     cls = classify(spec, rs, catalogue_version=catalogue.catalogue_version)
     batch_tpp = round(cls.tpp * request.quantity)
     ctx = _Ctx(rs, request, spec, cls, batch_tpp, quota_used, screener)
@@ -489,7 +505,33 @@ def evaluate(
         when = "now" if apply_on == "decision" else "when the licence is granted"
         reasoning.append(f"Quota to record {when}: {quota_key} += {quota_delta:,} TPP.")
 
+    def _hit(p: PartyScreening) -> ScreeningHit:
+        assert p.matched_entry is not None
+        e = p.matched_entry
+        return ScreeningHit(
+            role=p.role,
+            entry_id=e.id,
+            entry_name=e.name,
+            list=e.list,
+            score=p.best_score,
+            start_date=e.start_date,
+            federal_register_notice=e.federal_register_notice,
+        )
+
+    statuses = [dest, eu_loc, eu_hq, route.origin, *route.transit]
+    explanation = Explanation(
+        rule_version=rs.version,
+        ruleset_sha256=rs.sha256,
+        decision_date=on,
+        group_memberships={s.country: s.groups for s in statuses},
+        licence_exceptions=sorted({f.licence_exception for f in findings if f.licence_exception}),
+        screening_snapshot=screener.list.sha256,
+        screening_source_date=screener.list.snapshot_date,
+        screening_hits=[_hit(p) for p in parties if p.hit],
+        screening_reviews=[_hit(p) for p in parties if p.review and p.matched_entry is not None],
+    )
     return ExportDecision(
+        explanation=explanation,
         batch_id=request.batch_id,
         outcome=outcome,
         review_policy=review_policy,

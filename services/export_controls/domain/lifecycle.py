@@ -162,6 +162,23 @@ def open_case(award: AwardFacts, book: RuleBook, quota_used: Mapping[str, int]) 
                 rule_version=result.ruleset.version,
             )
         )
+    for party in result.screening.parties:
+        # A near miss is not a hit, but clearing it silently would hide it: a human decides.
+        if party.review and party.matched_entry is not None:
+            entry = party.matched_entry
+            anomalies.append(
+                anomaly(
+                    "SCREENING_REVIEW",
+                    f"batch {award.batch_id}: {party.role.replace('_', ' ')} '{party.name}' resembles "
+                    f"{entry.list} entry '{entry.name}' ({entry.id}) with score {party.best_score:.1f} "
+                    f"(hit at {party.threshold:g}, review from {party.review_threshold:g}, method {party.method})",
+                    award.batch_id,
+                    severity="medium",
+                    entry_id=entry.id,
+                    score=party.best_score,
+                    screening_snapshot=result.screening.sha256,
+                )
+            )
     return Opened(case=case, evaluation=result, anomalies=anomalies)
 
 

@@ -124,6 +124,34 @@ class QuotaEvaluation(_Frozen):
     within_cap: bool
 
 
+class ScreeningHit(_Frozen):
+    """A screening match as a licensing officer cites it: list, entry, listing date, notice."""
+
+    role: str
+    entry_id: str
+    entry_name: str
+    list: str
+    score: float
+    start_date: date | None
+    federal_register_notice: str | None
+
+
+class Explanation(_Frozen):
+    """What the decision relied on, in one place (also in the ledger entry and the batch view):
+    enough to re-derive it from the recorded rule version and screening snapshot."""
+
+    rule_version: str
+    ruleset_sha256: str
+    decision_date: date
+    # Country → the groups it belonged to on the decision date (destination, end user, route).
+    group_memberships: dict[str, list[str]]
+    licence_exceptions: list[str]  # the exceptions that lifted a requirement
+    screening_snapshot: str  # sha256 of the list snapshot
+    screening_source_date: date
+    screening_hits: list[ScreeningHit]
+    screening_reviews: list[ScreeningHit]  # near misses sent to a human (SCREENING_REVIEW)
+
+
 class ExportDecision(_Frozen):
     batch_id: str
     outcome: Outcome
@@ -148,3 +176,4 @@ class ExportDecision(_Frozen):
     quota_apply_on: Literal["decision", "license_granted"] | None
     reasoning: list[str]
     data_digests: dict[str, str]  # sha256 of each data file used
+    explanation: Explanation

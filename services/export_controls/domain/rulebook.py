@@ -21,6 +21,7 @@ from .catalogue import Catalogue, load_catalogue
 from .errors import RulesetDataError
 from .rulesets import RuleSet, get_ruleset, load_country_groups, load_rulesets, select_ruleset
 from .screening import Screener, load_screening_list
+from .snapshots import load_active
 
 T = TypeVar("T")
 
@@ -62,9 +63,11 @@ def _check_ruleset(rs: RuleSet) -> None:
         raise RulesetDataError(f"rule set {rs.id}: a quota key has an unknown placeholder: {err}") from err
 
 
-def load_rulebook(data_dir: Path | None = None, pinned: str | None = None) -> RuleBook:
+def load_rulebook(data_dir: Path | None = None, pinned: str | None = None, var_dir: Path | None = None) -> RuleBook:
     """Load and check every data file under `data_dir` (default: the data shipped with the
-    service). Raises ExportControlError (RulesetDataError, UnknownRulesetError) on any fault."""
+    service), and the active screening snapshot under `var_dir` if one was imported (it then
+    replaces the shipped sample list). Raises ExportControlError (RulesetDataError,
+    UnknownRulesetError) on any fault."""
     directory = data_dir or DATA_DIR
     groups = _load(directory / "country_groups.yaml", load_country_groups)
     rulesets = _load(directory / "rulesets", lambda d: load_rulesets(d, groups))
@@ -79,6 +82,10 @@ def load_rulebook(data_dir: Path | None = None, pinned: str | None = None) -> Ru
             f"{directory / 'gpu_catalogue.yaml'}: no entry for the contract's GPU models {', '.join(missing)}"
         )
     screener = _load(directory / "screening_list.yaml", lambda p: Screener(load_screening_list(p)))
+    if var_dir is not None:
+        active = load_active(var_dir)  # a missing, altered or invalid snapshot stops the start-up
+        if active is not None:
+            screener = Screener(active)
     return RuleBook(
         rulesets=rulesets,
         catalogue=catalogue,

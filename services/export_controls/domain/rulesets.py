@@ -50,15 +50,40 @@ class Citation(_Data):
     url: str | None = None
 
 
+class DatedMember(_Data):
+    """A membership with dates (Supp. No. 1 to part 740 changes over time): a member from `from`
+    (inclusive) until `to` (exclusive: the day it left); either open-ended when absent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    country: CountryCode
+    from_: date | None = Field(None, alias="from")
+    to: date | None = None
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DatedMember:
+        if self.from_ is not None and self.to is not None and self.to <= self.from_:
+            raise ValueError(f"{self.country}: 'to' {self.to} is not after 'from' {self.from_}")
+        return self
+
+    def member_on(self, on: date | None) -> bool:
+        # No date (start-up checks only): every member counts.
+        return on is None or ((self.from_ is None or self.from_ <= on) and (self.to is None or on < self.to))
+
+
 class GroupDef(_Data):
     """A country group: explicit members, other groups included, or the complement of groups."""
 
     label: str | None = None
     name: str | None = None
-    countries: list[CountryCode] = []
+    countries: list[CountryCode | DatedMember] = []
     include: list[str] = []
     complement_of: list[str] = []
     note: str | None = None
+
+    def members(self, on: date | None) -> set[str]:
+        return {m if isinstance(m, str) else m.country for m in self.countries if isinstance(m, str) or m.member_on(on)}
 
 
 class CountryGroups(_Data):
@@ -222,6 +247,8 @@ class RuleSet(_Data):
     # Filled in by the loader, not written in the YAML:
     sha256: str = ""
     country_groups: CountryGroups
+    # Set by the evaluation to its decision date: dated group memberships are read as of it.
+    membership_date: date | None = None
 
     @property
     def version(self) -> str:
@@ -253,7 +280,9 @@ class RuleSet(_Data):
         seen = _seen | {ref}
         if gdef.complement_of:
             return not any(self.in_group(country, g, seen) for g in gdef.complement_of)
-        return country in gdef.countries or any(self.in_group(country, g, seen) for g in gdef.include)
+        return country in gdef.members(self.membership_date) or any(
+            self.in_group(country, g, seen) for g in gdef.include
+        )
 
     def in_any(self, country: str, refs: list[str]) -> bool:
         return any(self.in_group(country, r) for r in refs)
