@@ -80,7 +80,7 @@ async def test_roles(
         assert (await get(f"/v1/pledges/{kakao_pledge}")).status_code == 200
         assert (await get(f"/v1/pledges/{nhn_pledge}")).status_code == 403
         assert (await get(f"/v1/batches/{kakao_batch}")).status_code == 200
-        assert (await get(f"/v1/batches/{nhn_batch}")).status_code == 403
+        assert (await get(f"/v1/batches/{nhn_batch}")).status_code == 404
         listed = (await get("/v1/batches", program_id=program)).json()
         assert [b["batch_id"] for b in listed["items"]] == [kakao_batch]
         assert (await get("/v1/batches", partner="nhn-cloud")).status_code == 403

@@ -88,8 +88,8 @@ async def test_rejections_grant_no_access_and_create_no_batch(
     async with httpx.AsyncClient(
         base_url=stack.api_url, headers={"Authorization": f"Bearer {tokens['partner:kakao']}"}, timeout=30
     ) as kakao:
-        assert (await kakao.get(f"/v1/batches/{batch}")).status_code in (403, 404)
-        assert (await kakao.get(f"/v1/batches/{batch}/epcis")).status_code in (403, 404)
+        assert (await kakao.get(f"/v1/batches/{batch}")).status_code == 404
+        assert (await kakao.get(f"/v1/batches/{batch}/epcis")).status_code == 404
         listed = (await kakao.get("/v1/batches", params={"program_id": program})).raise_for_status().json()
         assert listed["total"] == 0 and listed["items"] == []
         assert (await kakao.get(f"/v1/batches/{ghost}")).status_code == 404

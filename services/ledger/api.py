@@ -158,7 +158,8 @@ async def _readable_batch(session: AsyncSession, batch_id: str, principal: Princ
     if view is None:
         raise HTTPException(404, f"no batch {batch_id!r}")
     if principal.role == "partner" and principal.party_id not in await batch_parties(session, batch_id):
-        raise HTTPException(403, "this batch does not concern your party")
+        # 404, not 403: a partner learns nothing, not even that a competitor's batch exists.
+        raise HTTPException(404, f"no batch {batch_id!r}")
     return view
 
 

@@ -190,6 +190,8 @@ def summarize(view: BatchView) -> dict[str, Any]:
             "rule_version": export.get("rule_version"),
             "eccn": export.get("eccn"),
             "license_number": export.get("license_number"),
+            # Rule version, group memberships, licence exceptions, screening snapshot and hits.
+            "explanation": (export.get("decision") or {}).get("explanation"),
         }
         if export
         else None,
