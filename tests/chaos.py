@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -53,7 +52,7 @@ from shared.contract import (
 )
 from shared.contract.parties import load_private_key
 from shared.runtime.settings import Settings
-from tests.infra import LocalKafka, LocalPostgres
+from tests.infra import LocalKafka, LocalPostgres, kafka_and_postgres
 from tests.partner import PartnerClient, topic_for
 from tools.devstack import Stack
 
@@ -824,20 +823,12 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gputrace-chaos-"))
     work.chmod(0o755)  # PostgreSQL runs as its own user when we are root
-    kafka = pg = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    admin_url = os.environ.get("DATABASE_URL")
-    stack: Stack | None = None
-    try:
-        if not bootstrap:
-            kafka = LocalKafka(work / "kafka").start()
-            bootstrap = kafka.bootstrap
-        if not admin_url:
-            pg = LocalPostgres(work / "pg").start()
-            admin_url = pg.url
+    with contextlib.ExitStack() as infra:
+        bootstrap, admin_url, kafka, pg = infra.enter_context(kafka_and_postgres(work))
         from tests.stack import start_stack
 
         stack, tokens = start_stack(bootstrap, admin_url, work / "stack")
+        infra.callback(stack.stop)  # before the broker and PostgreSQL stop (callbacks run last-in first)
         report = asyncio.run(
             chaos_run(
                 bootstrap=bootstrap,
@@ -852,13 +843,6 @@ def main() -> None:
                 rate=args.rate,
             )
         )
-    finally:
-        if stack is not None:
-            stack.stop()
-        if kafka:
-            kafka.stop()
-        if pg:
-            pg.stop()
     print_summary(report)
     summary = json.dumps(asdict(report), indent=1)
     print(summary)

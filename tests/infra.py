@@ -287,3 +287,26 @@ def postgres_container(image: str = POSTGRES_IMAGE) -> Iterator[str]:
 
     with PostgresContainer(image, driver="psycopg") as pg:
         yield pg.get_connection_url()
+
+
+@contextlib.contextmanager
+def kafka_and_postgres(work: Path) -> Iterator[tuple[str, str, LocalKafka | None, LocalPostgres | None]]:
+    """For the long runs outside pytest (bench, chaos): the Kafka and PostgreSQL the environment names
+    (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL), else local ones started under `work` and stopped on exit.
+    Yields (bootstrap, admin URL, the local Kafka or None, the local PostgreSQL or None)."""
+    kafka = pg = None
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    admin_url = os.environ.get("DATABASE_URL")
+    try:
+        if not bootstrap:
+            kafka = LocalKafka(work / "kafka").start()
+            bootstrap = kafka.bootstrap
+        if not admin_url:
+            pg = LocalPostgres(work / "pg").start()
+            admin_url = pg.url
+        yield bootstrap, admin_url, kafka, pg
+    finally:
+        if kafka:
+            kafka.stop()
+        if pg:
+            pg.stop()

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import importlib.util
 import inspect
-import os
 import shutil
 import tempfile
 import time
@@ -29,7 +28,7 @@ from sqlalchemy import func, insert, select
 
 from shared.runtime.db import OutboxMessage, create_tables, make_engine, session_factory
 from shared.runtime.topics import ensure_topics
-from tests.infra import LocalKafka, LocalPostgres
+from tests.infra import kafka_and_postgres
 
 OUTBOX = OutboxMessage.__table__  # type: ignore[attr-defined]
 
@@ -105,22 +104,10 @@ def main() -> None:
     module = relay_module(args.relay)
     work = Path(tempfile.mkdtemp(prefix="gputrace-bench-outbox-"))
     work.chmod(0o755)
-    kafka = pg = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    admin_url = os.environ.get("DATABASE_URL")
     try:
-        if not bootstrap:
-            kafka = LocalKafka(work / "kafka").start()
-            bootstrap = kafka.bootstrap
-        if not admin_url:
-            pg = LocalPostgres(work / "pg").start()
-            admin_url = pg.url
-        result = asyncio.run(bench(bootstrap, admin_url, args.rows, args.value_bytes, module))
+        with kafka_and_postgres(work) as (bootstrap, admin_url, _, _):
+            result = asyncio.run(bench(bootstrap, admin_url, args.rows, args.value_bytes, module))
     finally:
-        if kafka:
-            kafka.stop()
-        if pg:
-            pg.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(
         f"{args.rows} rows of {args.value_bytes} B ({args.relay or 'shared.runtime.outbox'}): "
