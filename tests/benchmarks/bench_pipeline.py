@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.runtime.topics import ensure_topics
-from tests.infra import LocalKafka, LocalPostgres
+from tests.infra import kafka_and_postgres
 from tests.partner import PartnerClient
 from tests.stack import start_stack
 
@@ -154,36 +153,26 @@ def main() -> None:
     n, run = args.events, uuid.uuid4().hex[:6]
     work = Path(tempfile.mkdtemp(prefix="gputrace-bench-"))
     work.chmod(0o755)
-    kafka = pg = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    admin_url = os.environ.get("DATABASE_URL")
     try:
-        if not bootstrap:
-            kafka = LocalKafka(work / "kafka").start()
-            bootstrap = kafka.bootstrap
-        if not admin_url:
-            pg = LocalPostgres(work / "pg").start()
-            admin_url = pg.url
-        asyncio.run(ensure_topics(bootstrap))
-        stack, _ = start_stack(bootstrap, admin_url, work / "stack")
-        try:
-            keys = work / "stack" / "keys"
+        with kafka_and_postgres(work) as (bootstrap, admin_url, _, _):
+            asyncio.run(ensure_topics(bootstrap))
+            stack, _ = start_stack(bootstrap, admin_url, work / "stack")
+            try:
+                keys = work / "stack" / "keys"
 
-            async def records() -> list[Any]:
-                async with PartnerClient(bootstrap, keys) as client:
-                    return [client.record("kdb", "pledge.committed.v1", pledge(i, "raw" + run))[:3] for i in range(n)]
+                async def records() -> list[Any]:
+                    async with PartnerClient(bootstrap, keys) as client:
+                        return [
+                            client.record("kdb", "pledge.committed.v1", pledge(i, "raw" + run))[:3] for i in range(n)
+                        ]
 
-            recs = asyncio.run(records())
-            raw = asyncio.run(raw_kafka(bootstrap, recs))
-            pg_s = raw_postgres(stack.database_urls["ledger"], n)
-            ours = asyncio.run(gputrace_pipeline(bootstrap, keys, stack.database_urls, n, run))
-        finally:
-            stack.stop()
+                recs = asyncio.run(records())
+                raw = asyncio.run(raw_kafka(bootstrap, recs))
+                pg_s = raw_postgres(stack.database_urls["ledger"], n)
+                ours = asyncio.run(gputrace_pipeline(bootstrap, keys, stack.database_urls, n, run))
+            finally:
+                stack.stop()
     finally:
-        if kafka:
-            kafka.stop()
-        if pg:
-            pg.stop()
         shutil.rmtree(work, ignore_errors=True)
     rate = {
         "raw aiokafka produce": n / raw["produce_s"],
