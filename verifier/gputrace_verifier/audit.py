@@ -15,6 +15,7 @@ Exit codes (stable; scripts and cron jobs rely on them):
     4  inconsistent: the log forked or shrank relative to the trusted checkpoint
     5  entry or root mismatch: stored entries do not hash to what the log signed
     6  proof failure: an inclusion or consistency proof served by the log does not verify
+    7  no witness quorum: fewer than --witness-quorum valid cosignatures (--witness) on the checkpoint
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import rfc8785
 
 from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import Checkpoint, CheckpointError, parse_and_verify, parse_vkey
+from gputrace_verifier.cosignature import parse_witness_vkey, verify_cosignatures
 
 PAGE_MAX = 1000  # the server's per-call limit on /v1/log/entries
 
@@ -49,11 +51,13 @@ class Exit(IntEnum):
     INCONSISTENT = 4
     MISMATCH = 5
     PROOF = 6
+    WITNESS = 7
 
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 usage/config; 2 network/HTTP error; 3 checkpoint signature invalid; "
-    "4 inconsistent with the trusted checkpoint (fork or shrink); 5 entry/root mismatch; 6 proof failure."
+    "4 inconsistent with the trusted checkpoint (fork or shrink); 5 entry/root mismatch; 6 proof failure; "
+    "7 no witness quorum (fewer valid --witness cosignatures than --witness-quorum)."
 )
 
 
@@ -203,8 +207,10 @@ class LedgerClient:
         except ValueError:
             fail(Exit.NETWORK, f"GET {response.request.url}: response is not JSON")
 
-    def checkpoint_note(self) -> str:
-        return self._get("/v1/log/checkpoint").text
+    def checkpoint_note(self, witnessed: bool = False) -> str:
+        # witnessed: the latest checkpoint the ledger's witnesses all cosigned (the newest one may
+        # still be on its way to them); a ledger without witnesses serves its latest.
+        return self._get("/v1/log/checkpoint", witnessed="true" if witnessed else None).text
 
     def public_key(self) -> dict[str, Any]:
         return _expect(self._json("/v1/log/public-key"), dict, "/v1/log/public-key")
@@ -480,6 +486,8 @@ class Options:
     key: str | None
     origin: str | None
     tofu: bool
+    witnesses: list[str] = field(default_factory=list)  # witness vkeys (or files holding one)
+    witness_quorum: int | None = None  # None: every given witness
 
 
 @dataclass
@@ -532,12 +540,13 @@ def _verify(
     if trusted is not None:
         verify_saved(trusted, vkey, origin, state)
 
-    note = client.checkpoint_note()
+    note = client.checkpoint_note(witnessed=bool(opts.witnesses))
     try:
         cp = parse_and_verify(note, vkey, expected_origin=origin)
     except CheckpointError as e:
         fail(Exit.SIGNATURE, f"checkpoint signature invalid: {e}")
     ui.notice(f"checkpoint of {origin}: size {cp.size}, root {b64(cp.root_hash)} (signature ok)")
+    check_witness_quorum(note, opts, ui)
 
     consistency_problem = _check_consistency(client, trusted, cp)
     resume = incremental and trusted is not None and trusted.frontier is not None
@@ -580,6 +589,47 @@ def _verify(
     )
     state.save()
     return Report(origin, cp.size, cp.root_hash, trusted.size if trusted else None, len(leaves), checked)
+
+
+def check_witness_quorum(note: str, opts: Options, ui: Ui) -> None:
+    """Require `witness_quorum` of the given witnesses to have cosigned this very checkpoint: each
+    cosigned only after checking it extends everything it saw of this log, so a forked (split)
+    view would need that many witnesses to sign both sides."""
+    if not opts.witnesses:
+        if opts.witness_quorum:
+            fail(Exit.USAGE, "--witness-quorum needs the witnesses' keys: pass --witness VKEY (repeatable)")
+        return
+    keys = sorted({_read_key(w, "--witness", parse_witness_vkey) for w in opts.witnesses})
+    quorum = len(keys) if opts.witness_quorum is None else opts.witness_quorum
+    if not 1 <= quorum <= len(keys):
+        fail(Exit.USAGE, f"--witness-quorum {quorum} must be between 1 and the {len(keys)} --witness key(s) given")
+    try:
+        cosigned = verify_cosignatures(note, keys)
+    except CheckpointError as e:
+        fail(Exit.WITNESS, f"no witness quorum: {e}")
+    if len(cosigned) < quorum:
+        missing = sorted({parse_witness_vkey(k)[0] for k in keys} - {c.name for c in cosigned})
+        fail(
+            Exit.WITNESS,
+            f"no witness quorum: {len(cosigned)} of the required {quorum} witness cosignature(s) on the "
+            f"checkpoint (none from {', '.join(missing)}); a witness refuses a checkpoint that does not extend "
+            "what it saw, so this may be a fork",
+        )
+    when = ", ".join(
+        f"{c.name} at {datetime.fromtimestamp(c.timestamp, UTC).isoformat(timespec='seconds')}" for c in cosigned
+    )
+    ui.notice(f"witnessed: {len(cosigned)} cosignature(s), quorum {quorum} ({when})")
+
+
+def _read_key(value: str, option: str, parse: Callable[[str], object]) -> str:
+    """A key option is a vkey string or a file holding one."""
+    path = Path(value).expanduser()
+    text = path.read_text().strip() if "+" not in value and path.is_file() else value.strip()
+    try:
+        parse(text)
+    except CheckpointError as e:
+        fail(Exit.USAGE, f"{option}: {e}")
+    return text
 
 
 def _check_consistency(client: LedgerClient, trusted: Trusted | None, cp: Checkpoint) -> str | None:

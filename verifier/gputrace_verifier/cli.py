@@ -174,6 +174,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     verify_cmd.add_argument(
         "--seed", type=int, default=None, help="Seed for choosing the spot-checked leaves (reproducible runs)."
     )
+    verify_cmd.add_argument(
+        "--witness",
+        dest="witnesses",
+        action="append",
+        default=[],
+        metavar="VKEY",
+        help="A witness's cosignature key (<name>+<id>+<base64>, type 0x04, C2SP tlog-cosignature), or a file"
+        " holding it; repeatable. The checkpoint must carry valid cosignatures from --witness-quorum of them"
+        " (each witness cosigns only a checkpoint that extends what it saw), else exit 7.",
+    )
+    verify_cmd.add_argument(
+        "--witness-quorum",
+        type=_int_in(1, None),
+        default=None,
+        metavar="N",
+        help="How many of the --witness keys must have cosigned (default: all of them).",
+    )
 
     batch_cmd = commands.add_parser(
         "batch",
@@ -299,6 +316,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         key=args.key,
         origin=args.origin,
         tofu=args.tofu,
+        witnesses=getattr(args, "witnesses", []),
+        witness_quorum=getattr(args, "witness_quorum", None),
     )
     command = _verify_command if args.command == "verify" else _batch_command
     try:
