@@ -1,6 +1,7 @@
 """Dated country-group membership (country_groups.yaml, Supp. No. 1 to part 740): a shipment is
-judged by the groups as they stood on its decision date. No real country joined or left D:5 on a
-date the shipped data can vouch for, so the changes are staged in a test-only copy of the data."""
+judged by the groups as they stood on its decision date. The real changes in the shipped data
+(Nicaragua joined D:5 on 2024-03-15, 89 FR 18780; Cyprus left it on 2024-05-30, 89 FR 40369) are
+judged on both sides of their dates; a staged copy of the data exercises a later change too."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ def book(tmp_path_factory: pytest.TempPathFactory) -> RuleBook:
     path = data / "country_groups.yaml"
     groups = yaml.safe_load(path.read_text())
     d5 = groups["groups"]["D:5"]["countries"]
-    assert "MX" not in d5 and "CY" in d5
-    d5.remove("CY")
-    d5 += [{"country": "MX", "from": SWITCH}, {"country": "CY", "to": SWITCH}]  # MX joins, CY leaves
+    assert "MX" not in d5 and "ZW" in d5
+    d5.remove("ZW")
+    d5 += [{"country": "MX", "from": SWITCH}, {"country": "ZW", "to": SWITCH}]  # staged: MX joins, ZW leaves
     path.write_text(yaml.safe_dump(groups, allow_unicode=True))
     return load_rulebook(data)
 
@@ -43,8 +44,8 @@ def decide(book: RuleBook, hq: str, day: str) -> lifecycle.Opened:
     [
         ("MX", "2025-08-31", False, "cleared"),  # the day before it joins
         ("MX", SWITCH, True, "license_required"),  # member from that day
-        ("CY", "2025-08-31", True, "license_required"),  # still a member
-        ("CY", SWITCH, False, "cleared"),  # left that day
+        ("ZW", "2025-08-31", True, "license_required"),  # still a member
+        ("ZW", SWITCH, False, "cleared"),  # left that day
     ],
 )
 def test_group_membership_is_read_on_the_decision_date(
@@ -53,6 +54,31 @@ def test_group_membership_is_read_on_the_decision_date(
     opened = decide(book, hq, day)
     ev = opened.evaluation
     assert ("D:5" in ev.end_user_headquarters.groups) is in_d5
+    assert ("D:5" in ev.explanation.group_memberships[hq]) is in_d5
+    assert ev.outcome == outcome, ev.reasoning
+
+
+@pytest.fixture(scope="module")
+def shipped() -> RuleBook:
+    return load_rulebook()
+
+
+@pytest.mark.parametrize(
+    ("hq", "day", "in_d5", "outcome"),
+    [
+        # 89 FR 18780: Nicaragua added to D:5, effective 2024-03-15 (rule set acr-2023 in force).
+        ("NI", "2024-03-14", False, "cleared"),
+        ("NI", "2024-03-15", True, "license_required"),
+        # 89 FR 40369: Cyprus no longer in D:5, effective 2024-05-30.
+        ("CY", "2024-05-29", True, "license_required"),
+        ("CY", "2024-05-30", False, "cleared"),
+    ],
+)
+def test_real_d5_changes_are_read_on_the_decision_date(
+    shipped: RuleBook, hq: str, day: str, in_d5: bool, outcome: str
+) -> None:
+    ev = decide(shipped, hq, day).evaluation
+    assert ev.ruleset.id == "acr-2023"
     assert ("D:5" in ev.explanation.group_memberships[hq]) is in_d5
     assert ev.outcome == outcome, ev.reasoning
 

@@ -23,7 +23,7 @@ CSL = Path(__file__).resolve().parent.parent / "services/export_controls/data/cs
 def test_json_and_csv_fixtures_read_the_same_records() -> None:
     from_json, json_date = parse_csl((CSL / "consolidated.json").read_bytes())
     from_csv, csv_date = parse_csl((CSL / "consolidated.csv").read_bytes())
-    assert len(from_json) == 30 and json_date == date(2025, 6, 1) and csv_date is None
+    assert len(from_json) == 28 and json_date == date(2025, 6, 1) and csv_date is None
     assert [e.model_dump() for e in from_json] == [e.model_dump() for e in from_csv]
     huawei = from_json[0]
     assert (huawei.list, huawei.start_date, huawei.federal_register_notice, huawei.country) == (
@@ -58,7 +58,7 @@ def test_a_malformed_file_is_refused(raw: bytes) -> None:
 def test_import_stores_an_immutable_content_hashed_active_snapshot(tmp_path: Path) -> None:
     raw = (CSL / "consolidated.json").read_bytes()
     snap = import_csl(raw, tmp_path, source_file="consolidated.json")
-    assert active_hash(tmp_path) == snap.sha256 and len(snap.entries) == 30
+    assert active_hash(tmp_path) == snap.sha256 and len(snap.entries) == 28
     assert snap.snapshot_date == date(2025, 6, 1)
     again = import_csl(raw, tmp_path, source_file="consolidated.json")
     assert again.sha256 == snap.sha256  # same content, same snapshot
@@ -82,7 +82,7 @@ def test_the_cli_imports_and_lists(tmp_path: Path) -> None:
     out = runner.invoke(app, ["screening", "import", str(CSL / "consolidated.json"), "--var-dir", str(tmp_path)])
     assert out.exit_code == 0, out.output
     row = json.loads(out.output)
-    assert row["entries"] == 30 and row["source_date"] == "2025-06-01" and row["active"]
+    assert row["entries"] == 28 and row["source_date"] == "2025-06-01" and row["active"]
     listed = runner.invoke(app, ["screening", "list", "--var-dir", str(tmp_path)])
     assert json.loads(listed.output.splitlines()[0])["sha256"] == row["sha256"]
     bad = runner.invoke(app, ["screening", "import", str(CSL / "consolidated.csv"), "--var-dir", str(tmp_path)])
