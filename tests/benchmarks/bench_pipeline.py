@@ -1,43 +1,84 @@
-"""Throughput of gputrace against raw aiokafka and raw PostgreSQL, measured in the same run.
+"""gputrace against a fair hand-written baseline on the same Kafka and PostgreSQL, in one run.
 
-    .venv/bin/python -m tests.benchmarks.bench_pipeline --events 5000
+    .venv/bin/python -m tests.benchmarks.bench_pipeline --events 4000          # make bench
 
-Uses KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL when set, else starts the local Kafka and PostgreSQL.
-Reports events per second and ratios (gputrace ÷ raw), never pass/fail: speed belongs here, not
-in timed tests.
+Signed pledge events go through gputrace (pledges service -> decisions -> ledger's log) and
+through the fair baseline (tests/benchmarks/baseline.py: the same essential work per event, two
+processes), interleaved: a warm-up, then ROUNDS rounds of EVENTS events published as fast as
+possible (throughput; CPU per event per process from /proc via psutil), then a load on a fixed
+schedule at 25/50/75/90 % of each one's sustained maximum (end-to-end latency publish -> outcome,
+measured from each event's scheduled send time, so a stall is never hidden). Raw aiokafka and
+raw PostgreSQL are kept as reference figures. Every event is counted once, by its id.
+
+Results: bench/results/pipeline.{json,md,png} (or --out). Uses KAFKA_BOOTSTRAP_SERVERS /
+DATABASE_URL when set, else starts the local Kafka and PostgreSQL. Figures, never pass/fail.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import os
+import platform
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psutil
 import psycopg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+import rfc8785
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from rich.console import Console
-from rich.table import Table
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from shared.contract import OUTCOMES_TOPIC, PLEDGES_TOPIC, decisions_topic
 from shared.runtime.topics import ensure_topics
+from tests.benchmarks import baseline
 from tests.infra import kafka_and_postgres
-from tests.partner import PartnerClient
-from tests.stack import start_stack
+from tools.devstack import Stack
 
-console = Console()
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
+LEVELS = (25, 50, 75, 90)
+# The gputrace processes that do this work (quotes reads every pledge decision too).
+GPUTRACE_CORE = ("pledges", "ledger")
+
+Record = tuple[bytes, bytes, list[tuple[str, bytes]], str]
 
 
-def pledge(i: int, run: str) -> dict[str, Any]:
+@dataclass
+class Options:
+    events: int = 4000
+    warmup: int = 500
+    rounds: int = 2
+    level_seconds: float = 6.0
+    levels: tuple[int, ...] = LEVELS
+    out: Path = RESULTS
+    timeout: float = 300.0
+
+
+def libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def pledge(i: int, prefix: str) -> dict[str, Any]:
     return {
-        "pledge_id": f"BENCH-{run}-{i}",
+        "pledge_id": f"{prefix}{i}",
         "partner_id": "kdb",
-        "program_id": f"bench-{run}",
+        "program_id": "bench",
         "kind": "capital",
         "capital": {"amount": "1000", "currency": "KRW"},
         "committed_at": "2025-03-01T00:00:00Z",
@@ -45,25 +86,193 @@ def pledge(i: int, run: str) -> dict[str, Any]:
     }
 
 
-async def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]) -> float:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
-    await producer.start()
-    t0 = time.perf_counter()
-    futures = [await producer.send(topic, value, key=key, headers=headers) for key, value, headers in records]
+def sign_pledges(key: Ed25519PrivateKey, n: int, prefix: str) -> list[Record]:
+    """Signed pledge.committed events as the partner contract has them (binary mode)."""
+    out = []
+    stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    for i in range(n):
+        data = pledge(i, prefix)
+        event_id = str(uuid.uuid4())
+        attrs = {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": "urn:gputrace:party:kdb",
+            "type": "gputrace.pledge.committed.v1",
+            "time": stamp,
+            "subject": data["pledge_id"],
+            "datacontenttype": "application/json",
+        }
+        signature = base64.b64encode(key.sign(rfc8785.dumps({**attrs, "data": data}))).decode()
+        headers = [(f"ce_{k}", v.encode()) for k, v in attrs.items() if k != "datacontenttype"]
+        headers += [("content-type", b"application/json"), ("ce_signature", signature.encode())]
+        out.append((data["pledge_id"].encode(), json.dumps(data).encode(), headers, event_id))
+    return out
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    p = np.percentile(np.array(values), [50, 95, 99])
+    return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
+
+
+class Outcomes:
+    """Reads an outcomes topic from its end and notes when each expected event's outcome arrives
+    (first arrival only; later ones are counted as duplicates)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._bootstrap, self._topic = bootstrap, topic
+        self.expected: set[str] = set()
+        self.arrived: dict[str, float] = {}
+        self.duplicates = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # Made here: an aiokafka client belongs to the loop that runs it.
+        self._consumer = AIOKafkaConsumer(
+            self._topic, bootstrap_servers=self._bootstrap, auto_offset_reset="latest", isolation_level="read_committed"
+        )
+        await self._consumer.start()
+        await self._consumer.seek_to_end()
+        # Positions are resolved lazily; pin them now so nothing published from here is missed.
+        for tp in self._consumer.assignment():
+            await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            polled = await self._consumer.getmany(timeout_ms=200, max_records=2000)
+            now = time.perf_counter()
+            for records in polled.values():
+                for record in records:
+                    event_id = json.loads(record.value).get("event_id")
+                    if event_id not in self.expected:
+                        continue
+                    if event_id in self.arrived:
+                        self.duplicates += 1
+                    else:
+                        self.arrived[event_id] = now
+
+    def expect(self, ids: list[str]) -> None:
+        self.expected.update(ids)
+
+    async def wait(self, ids: list[str], timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while any(i not in self.arrived for i in ids):
+            if time.monotonic() > deadline:
+                missing = sum(1 for i in ids if i not in self.arrived)
+                raise TimeoutError(f"{missing} of {len(ids)} outcomes missing after {timeout}s")
+            await asyncio.sleep(0.02)
+        return max(self.arrived[i] for i in ids)
+
+
+@dataclass
+class System:
+    name: str
+    in_topic: str
+    outcomes: Outcomes
+    ledger_count: Callable[[str], int]
+    processes: dict[str, int]  # name -> pid
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    levels: list[dict[str, Any]] = field(default_factory=list)
+
+    def cpu(self) -> dict[str, float]:
+        times = {}
+        for name, pid in self.processes.items():
+            t = psutil.Process(pid).cpu_times()
+            times[name] = t.user + t.system
+        return times
+
+
+async def publish_all(producer: AIOKafkaProducer, topic: str, records: list[Record]) -> None:
+    futures = [await producer.send(topic, v, key=k, headers=h) for k, v, h, _ in records]
     await asyncio.gather(*futures)
-    elapsed = time.perf_counter() - t0
-    await producer.stop()
-    return elapsed
 
 
-async def raw_kafka(bootstrap: str, records: list[Any]) -> dict[str, float]:
-    """Baseline: the same records through a bare topic, produced then consumed with commits."""
+async def wait_ledger(system: System, prefix: str, n: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while (got := await asyncio.to_thread(system.ledger_count, prefix)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{system.name}: {got} of {n} ledger entries after {timeout}s")
+        await asyncio.sleep(0.05)
+    if got != n:
+        raise AssertionError(f"{system.name}: {got} ledger entries for {n} events")
+    return time.perf_counter()
+
+
+async def throughput_round(
+    system: System, producer: AIOKafkaProducer, key: Ed25519PrivateKey, n: int, label: str, timeout: float
+) -> dict[str, Any]:
+    """N events as fast as possible: time to the last outcome and to the last ledger entry."""
+    prefix = f"B{uuid.uuid4().hex[:8]}-"
+    records = sign_pledges(key, n, prefix)
+    ids = [r[3] for r in records]
+    system.outcomes.expect(ids)
+    dup0 = system.outcomes.duplicates
+    cpu0 = system.cpu()
+    t0 = time.perf_counter()
+    await publish_all(producer, system.in_topic, records)
+    outcome_t = await system.outcomes.wait(ids, timeout)
+    ledger_t = await wait_ledger(system, prefix, n, timeout)
+    cpu1 = system.cpu()
+    cpu_ms = {p: (cpu1[p] - cpu0[p]) * 1000 / n for p in cpu0}
+    return {
+        "label": label,
+        "events": n,
+        "outcomes_counted": sum(1 for i in ids if i in system.outcomes.arrived),
+        "duplicates": system.outcomes.duplicates - dup0,
+        "ledger_entries": n,
+        "outcome_s": outcome_t - t0,
+        "ledger_s": ledger_t - t0,
+        "outcome_per_s": n / (outcome_t - t0),
+        "end_to_end_per_s": n / (ledger_t - t0),
+        "cpu_ms_per_event": cpu_ms,
+    }
+
+
+async def latency_level(
+    system: System, producer: AIOKafkaProducer, key: Ed25519PrivateKey, rate: float, seconds: float, timeout: float
+) -> dict[str, Any]:
+    """Events sent on a fixed schedule at `rate`; latency from each one's scheduled time."""
+    n = max(5, int(rate * seconds))
+    records = sign_pledges(key, n, f"L{uuid.uuid4().hex[:8]}-")
+    ids = [r[3] for r in records]
+    system.outcomes.expect(ids)
+    futures = []
+    t0 = time.perf_counter() + 0.05
+    scheduled = [t0 + i / rate for i in range(n)]
+    for (k, v, h, _), at in zip(records, scheduled, strict=True):
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        futures.append(await producer.send(system.in_topic, v, key=k, headers=h))
+    await asyncio.gather(*futures)
+    await system.outcomes.wait(ids, timeout)
+    latencies = [(system.outcomes.arrived[i] - at) * 1000 for i, at in zip(ids, scheduled, strict=True)]
+    return {"rate_per_s": rate, "events": n, **percentiles(latencies)}
+
+
+# --- reference figures: raw aiokafka and raw PostgreSQL ---------------------------------------
+
+
+async def raw_kafka(bootstrap: str, records: list[Record]) -> dict[str, float]:
+    """The same records through a bare topic: produced, then consumed (JSON-parsed) with commits."""
     topic = f"bench-raw-{uuid.uuid4().hex[:6]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     await admin.create_topics([NewTopic(topic, 3, 1)])
     await admin.close()
-    produce_s = await produce(bootstrap, topic, records)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    await producer.start()
+    t0 = time.perf_counter()
+    await publish_all(producer, topic, records)
+    produce_s = time.perf_counter() - t0
+    await producer.stop()
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -78,124 +287,337 @@ async def raw_kafka(bootstrap: str, records: list[Any]) -> dict[str, float]:
         for recs in batch.values():
             for rec in recs:
                 json.loads(rec.value)
-            seen += sum(len(r) for r in batch.values())
+            seen += len(recs)  # once per record, not once per partition
         if batch:
             await consumer.commit()
     consume_s = time.perf_counter() - t0
     await consumer.stop()
-    return {"produce_s": produce_s, "consume_s": consume_s}
+    if seen != len(records):
+        raise AssertionError(f"raw consumer saw {seen} records of {len(records)}")
+    n = len(records)
+    return {"produce_per_s": n / produce_s, "consume_commit_per_s": n / consume_s}
 
 
-def raw_postgres(admin_url: str, n: int) -> float:
-    """Baseline: what the pledges service writes per event (state row, processed row, two outbox
-    rows), as plain INSERTs, 500 events per transaction."""
-    url = admin_url.replace("postgresql+psycopg://", "postgresql://")
+def raw_postgres(url: str, n: int) -> dict[str, float]:
+    """What the pledges side writes per event (state, processed, two outbox rows) as plain
+    INSERTs, 500 events per transaction."""
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS bench_state, bench_seen, bench_outbox")
-        conn.execute("CREATE TABLE bench_state (id text primary key, state text)")
-        conn.execute("CREATE TABLE bench_seen (source text, id text, primary key (source, id))")
-        conn.execute("CREATE TABLE bench_outbox (id bigserial primary key, topic text, value bytea)")
+        conn.execute("DROP TABLE IF EXISTS raw_state, raw_seen, raw_outbox")
+        conn.execute("CREATE TABLE raw_state (id text primary key, state text)")
+        conn.execute("CREATE TABLE raw_seen (source text, id text, primary key (source, id))")
+        conn.execute("CREATE TABLE raw_outbox (id bigserial primary key, topic text, value bytea)")
     t0 = time.perf_counter()
     with psycopg.connect(url) as conn:
         for start in range(0, n, 500):
             with conn.transaction(), conn.cursor() as cur:
                 ids = [str(i) for i in range(start, min(n, start + 500))]
-                cur.executemany("INSERT INTO bench_state VALUES (%s, %s)", [(i, "{}") for i in ids])
-                cur.executemany("INSERT INTO bench_seen VALUES ('s', %s)", [(i,) for i in ids])
+                cur.executemany("INSERT INTO raw_state VALUES (%s, %s)", [(i, "{}") for i in ids])
+                cur.executemany("INSERT INTO raw_seen VALUES ('s', %s)", [(i,) for i in ids])
                 cur.executemany(
-                    "INSERT INTO bench_outbox (topic, value) VALUES ('t', %s)",
+                    "INSERT INTO raw_outbox (topic, value) VALUES ('t', %s)",
                     [(b"x" * 600,) for _ in ids for _ in (0, 1)],
                 )
-    return time.perf_counter() - t0
+    return {"inserts_4_rows_per_event_per_s": n / (time.perf_counter() - t0)}
 
 
-def count_entries(url: str, program: str) -> int:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM log_entries WHERE aggregate_id LIKE %s", (f"BENCH-{program}-%",)
-        ).fetchone()
-    return int(row[0]) if row else 0
+# --- the two systems --------------------------------------------------------------------------
 
 
-async def gputrace_pipeline(bootstrap: str, keys: Path, db_urls: dict[str, str], n: int, run: str) -> dict[str, float]:
-    """The same pledges through the pledges service to the ledger: publish, then time until every
-    outcome is out and every decision is in the ledger's Merkle log."""
-    async with PartnerClient(bootstrap, keys) as client:
-        records = [client.record("kdb", "pledge.committed.v1", pledge(i, run))[:3] for i in range(n)]
-    consumer = AIOKafkaConsumer(
-        "gputrace.outcomes.v1",
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="latest",
-        isolation_level="read_committed",  # as the contract asks of partners
-    )
+def gputrace_ledger_count(url: str) -> Callable[[str], int]:
+    def count(prefix: str) -> int:
+        with psycopg.connect(libpq(url)) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM log_entries WHERE aggregate_id LIKE %s", (f"{prefix}%",)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    return count
+
+
+async def decisions_signed(bootstrap: str) -> bool:
+    """Whether gputrace signs its decisions now (the baseline then does the same work)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     await consumer.start()
-    await consumer.seek_to_end()
-    t0 = time.perf_counter()
-    await produce(bootstrap, "partner.pledges.v1", records)
-    seen = 0
-    while seen < n:
-        batch = await consumer.getmany(timeout_ms=1000, max_records=1000)
-        for recs in batch.values():
-            seen += sum(1 for r in recs if json.loads(r.value)["event_type"] == "gputrace.pledge.committed.v1")
-    outcomes_s = time.perf_counter() - t0
-    await consumer.stop()
-    while count_entries(db_urls["ledger"], run) < n:  # noqa: ASYNC110 - polling another process's database
-        await asyncio.sleep(0.2)
-    ledger_s = time.perf_counter() - t0
-    return {"outcomes_s": outcomes_s, "ledger_s": ledger_s}
+    try:
+        topic = decisions_topic("pledges")
+        await consumer.topics()  # fetches the metadata partitions_for_topic reads
+        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or set())]
+        consumer.assign(parts)
+        ends = await consumer.end_offsets(parts)
+        for tp in parts:
+            if ends[tp]:
+                consumer.seek(tp, max(0, ends[tp] - 5))
+        polled = await consumer.getmany(timeout_ms=2000, max_records=10)
+        headers = [dict(r.headers) for recs in polled.values() for r in recs]
+        return any("ce_signature" in h for h in headers)
+    finally:
+        await consumer.stop()
+
+
+def start_baseline(
+    bootstrap: str, admin_url: str, registry: Path, run: str, sign: bool, logs: Path
+) -> tuple[System, list[subprocess.Popen[bytes]], str]:
+    db = f"bench_base_{run}"
+    with psycopg.connect(libpq(admin_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    url = libpq(admin_url).rpartition("/")[0] + f"/{db}"
+    baseline.prepare(url)
+    topics = [f"bench-base-{run}-{t}" for t in ("in", "decisions", "outcomes")]
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        # As many partitions as gputrace's topics have (topics.py: 3).
+        await admin.create_topics([NewTopic(t, 3, 1) for t in topics])
+        await admin.close()
+
+    asyncio.run(create())
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for role in ("decide", "append"):
+        cmd = [sys.executable, "-m", "tests.benchmarks.baseline", role, "--bootstrap", bootstrap, "--db", url]
+        cmd += ["--registry", str(registry), "--topics", ",".join(topics), "--seed", run]
+        cmd += ["--sign-decisions"] if sign else []
+        with (logs / f"baseline-{role}.log").open("ab") as log:
+            procs[role] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def count(prefix: str) -> int:
+        return baseline.count_log(url, prefix)
+
+    system = System(
+        "baseline",
+        topics[0],
+        Outcomes(bootstrap, topics[2]),
+        count,
+        {f"baseline-{r}": p.pid for r, p in procs.items()},
+    )
+    return system, list(procs.values()), db
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+async def interleaved(systems: list[System], step: Callable[[System], Awaitable[dict[str, Any]]], into: str) -> None:
+    for system in systems:
+        getattr(system, into).append(await step(system))
+
+
+async def measure(bootstrap: str, systems: list[System], key: Ed25519PrivateKey, opts: Options) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    await producer.start()
+    for s in systems:
+        await s.outcomes.start()
+    try:
+        for s in systems:  # warm-up: connections, JIT-less caches, pools; not reported as a round
+            await throughput_round(s, producer, key, opts.warmup, "warm-up", opts.timeout)
+        for r in range(opts.rounds):
+            for s in systems:
+                s.rounds.append(await throughput_round(s, producer, key, opts.events, f"round {r + 1}", opts.timeout))
+                print(f"  {s.name} round {r + 1}: {s.rounds[-1]['end_to_end_per_s']:,.0f} events/s", flush=True)
+        for level in opts.levels:
+            for s in systems:
+                rate = sustained(s) * level / 100
+                got = await latency_level(s, producer, key, rate, opts.level_seconds, opts.timeout)
+                s.levels.append({"level_pct": level, **got})
+                print(f"  {s.name} at {level}%: p50 {got['p50']:.0f} ms, p99 {got['p99']:.0f} ms", flush=True)
+        # Every latency event's ledger entry too, so nothing is left in flight for the next run.
+    finally:
+        for s in systems:
+            await s.outcomes.stop()
+        await producer.stop()
+
+
+def sustained(system: System) -> float:
+    """The sustained maximum: the mean end-to-end rate of the rounds (publish -> ledger entry)."""
+    return statistics.fmean(r["end_to_end_per_s"] for r in system.rounds)
+
+
+def summarise(system: System) -> dict[str, Any]:
+    cpu: dict[str, float] = {}
+    for p in system.processes:
+        cpu[p] = statistics.fmean(r["cpu_ms_per_event"][p] for r in system.rounds)
+    rates = [r["end_to_end_per_s"] for r in system.rounds]
+    return {
+        "end_to_end_per_s": statistics.fmean(rates),
+        "end_to_end_spread": [min(rates), max(rates)],
+        "outcome_per_s": statistics.fmean(r["outcome_per_s"] for r in system.rounds),
+        "cpu_ms_per_event": cpu,
+        "cpu_ms_per_event_total": sum(cpu.values()),
+        "rounds": system.rounds,
+        "latency": system.levels,
+        "processes": list(system.processes),
+    }
+
+
+def run_bench(bootstrap: str, admin_url: str, stack: Stack, keys: Path, opts: Options) -> dict[str, Any]:
+    """Both systems on the running stack's Kafka and PostgreSQL; returns the report (also written)."""
+    run = uuid.uuid4().hex[:8]
+    key = serialization.load_pem_private_key((keys / "kdb.key").read_bytes(), None)
+    assert isinstance(key, Ed25519PrivateKey)
+    asyncio.run(ensure_topics(bootstrap))
+    signed = asyncio.run(decisions_signed(bootstrap))
+    logs = Path(tempfile.gettempdir()) / f"gputrace-bench-{run}"
+    base, procs, base_db = start_baseline(bootstrap, admin_url, keys / "registry.json", run, signed, logs)
+    ours = System(
+        "gputrace",
+        PLEDGES_TOPIC,
+        Outcomes(bootstrap, OUTCOMES_TOPIC),
+        gputrace_ledger_count(stack.database_urls["ledger"]),
+        {n: p.proc.pid for n, p in stack.processes.items() if p.proc is not None},
+    )
+    try:
+        asyncio.run(measure(bootstrap, [ours, base], key, opts))
+    finally:
+        stop_processes(procs)
+    refs_records = sign_pledges(key, opts.events, f"R{run}-")
+    raw = asyncio.run(raw_kafka(bootstrap, refs_records))
+    raw.update(raw_postgres(libpq(admin_url).rpartition("/")[0] + f"/{base_db}", opts.events))
+    g, b = summarise(ours), summarise(base)
+    g["cpu_ms_per_event_core"] = sum(g["cpu_ms_per_event"].get(p, 0.0) for p in GPUTRACE_CORE)
+    report = {
+        "when": datetime.now(UTC).isoformat(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},
+        "options": {**asdict(opts), "out": str(opts.out)},
+        "decisions_signed": signed,
+        "gputrace": g,
+        "baseline": b,
+        "raw": raw,
+        "ratios": {
+            "end_to_end": g["end_to_end_per_s"] / b["end_to_end_per_s"],
+            "outcome": g["outcome_per_s"] / b["outcome_per_s"],
+            "cpu_core": g["cpu_ms_per_event_core"] / b["cpu_ms_per_event_total"],
+            "cpu_all": g["cpu_ms_per_event_total"] / b["cpu_ms_per_event_total"],
+        },
+    }
+    write_results(report, opts.out)
+    return report
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    g, b, ratios, raw = report["gputrace"], report["baseline"], report["ratios"], report["raw"]
+    opts = report["options"]
+    lines = [
+        f"# gputrace vs the fair baseline ({report['when'][:19]}Z)",
+        "",
+        f"{opts['events']} signed pledge events per round, {opts['rounds']} rounds after a warm-up of "
+        f"{opts['warmup']}; latency on a fixed schedule for {opts['level_seconds']} s per level. "
+        f"Decisions signed: {report['decisions_signed']}. {report['machine']['cpus']} CPUs, "
+        f"load average {report['machine']['load_avg'][0]:.1f} at the end.",
+        "",
+        "| figure | gputrace | fair baseline | gputrace ÷ baseline |",
+        "|---|---:|---:|---:|",
+        f"| end to end, events/s (publish → ledger entry) | {g['end_to_end_per_s']:,.0f} "
+        f"| {b['end_to_end_per_s']:,.0f} | {ratios['end_to_end']:.2f} |",
+        f"| publish → outcome, events/s | {g['outcome_per_s']:,.0f} | {b['outcome_per_s']:,.0f} "
+        f"| {ratios['outcome']:.2f} |",
+        f"| CPU ms/event, pledges + ledger vs both baseline processes | {g['cpu_ms_per_event_core']:.2f} "
+        f"| {b['cpu_ms_per_event_total']:.2f} | {ratios['cpu_core']:.2f} |",
+        f"| CPU ms/event, every gputrace process | {g['cpu_ms_per_event_total']:.2f} "
+        f"| {b['cpu_ms_per_event_total']:.2f} | {ratios['cpu_all']:.2f} |",
+    ]
+    for gl, bl in zip(g["latency"], b["latency"], strict=True):
+        for p in ("p50", "p95", "p99"):
+            lines.append(
+                f"| latency {p} at {gl['level_pct']}% of max, ms ({gl['rate_per_s']:,.0f} vs "
+                f"{bl['rate_per_s']:,.0f} events/s) | {gl[p]:,.1f} | {bl[p]:,.1f} | {gl[p] / bl[p]:.2f} |"
+            )
+    lines += ["", "Rounds (end to end, events/s): "]
+    for name, s in (("gputrace", g), ("baseline", b)):
+        rounds = ", ".join(f"{r['end_to_end_per_s']:,.0f}" for r in s["rounds"])
+        lines.append(f"- {name}: {rounds}")
+    lines += ["", "CPU ms per event per process:", ""]
+    for name, s in (("gputrace", g), ("baseline", b)):
+        per = ", ".join(f"{p} {v:.2f}" for p, v in s["cpu_ms_per_event"].items())
+        lines.append(f"- {name}: {per}")
+    lines += [
+        "",
+        "Reference figures (events/s): "
+        + ", ".join(f"raw aiokafka {k.replace('_', ' ')} {v:,.0f}" for k, v in raw.items() if "postgres" not in k),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g, b = report["gputrace"], report["baseline"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = ["raw aiokafka\nconsume+commit", "raw PostgreSQL\n4 rows/event", "fair baseline", "gputrace"]
+    raw = report["raw"]
+    values = [
+        raw["consume_commit_per_s"],
+        raw["inserts_4_rows_per_event_per_s"],
+        b["end_to_end_per_s"],
+        g["end_to_end_per_s"],
+    ]
+    left.bar(names, values, color=["#bbb", "#bbb", "#4c72b0", "#dd8452"])
+    left.set_yscale("log")
+    left.set_ylabel("events/s (log)")
+    left.set_title("throughput, end to end")
+    for x, v in enumerate(values):
+        left.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+    for s, colour in ((b, "#4c72b0"), (g, "#dd8452")):
+        levels = [lv["level_pct"] for lv in s["latency"]]
+        for p, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
+            name = "gputrace" if s is g else "baseline"
+            right.plot(levels, [lv[p] for lv in s["latency"]], style, color=colour, marker="o", label=f"{name} {p}")
+    right.set_xlabel("load, % of the system's own sustained maximum")
+    right.set_ylabel("publish → outcome, ms")
+    right.set_title("latency on a fixed schedule")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "pipeline.md").write_text(markdown(report))
+    chart(report, out / "pipeline.png")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--events", type=int, default=4000, help="events per round")
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--level-seconds", type=float, default=6.0, help="seconds of load per latency level")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    n, run = args.events, uuid.uuid4().hex[:6]
+    opts = Options(args.events, args.warmup, max(1, args.rounds), args.level_seconds, LEVELS, args.out)
+    from tests.stack import start_stack  # the services' imports are heavy; only here
+
     work = Path(tempfile.mkdtemp(prefix="gputrace-bench-"))
     work.chmod(0o755)
     try:
         with kafka_and_postgres(work) as (bootstrap, admin_url, _, _):
-            asyncio.run(ensure_topics(bootstrap))
             stack, _ = start_stack(bootstrap, admin_url, work / "stack")
             try:
-                keys = work / "stack" / "keys"
-
-                async def records() -> list[Any]:
-                    async with PartnerClient(bootstrap, keys) as client:
-                        return [
-                            client.record("kdb", "pledge.committed.v1", pledge(i, "raw" + run))[:3] for i in range(n)
-                        ]
-
-                recs = asyncio.run(records())
-                raw = asyncio.run(raw_kafka(bootstrap, recs))
-                pg_s = raw_postgres(stack.database_urls["ledger"], n)
-                ours = asyncio.run(gputrace_pipeline(bootstrap, keys, stack.database_urls, n, run))
+                report = run_bench(bootstrap, admin_url, stack, work / "stack" / "keys", opts)
             finally:
                 stack.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rate = {
-        "raw aiokafka produce": n / raw["produce_s"],
-        "raw aiokafka consume+commit": n / raw["consume_s"],
-        "raw PostgreSQL inserts (4 rows/event)": n / pg_s,
-        "gputrace publish → outcome": n / ours["outcomes_s"],
-        "gputrace publish → ledger entry": n / ours["ledger_s"],
-    }
-    table = Table(title=f"{n} signed pledge events, one run")
-    table.add_column("path")
-    table.add_column("events/s", justify="right")
-    for k, v in rate.items():
-        table.add_row(k, f"{v:,.0f}")
-    console.print(table)
-    ratios = {
-        "outcome ÷ raw consume": rate["gputrace publish → outcome"] / rate["raw aiokafka consume+commit"],
-        "outcome ÷ raw PostgreSQL": rate["gputrace publish → outcome"] / rate["raw PostgreSQL inserts (4 rows/event)"],
-        "ledger ÷ raw consume": rate["gputrace publish → ledger entry"] / rate["raw aiokafka consume+commit"],
-    }
-    for k, v in ratios.items():
-        console.print(f"{k}: {v:.3f}")
-    if args.json:
-        args.json.write_text(json.dumps({"events": n, "rates": rate, "ratios": ratios}, indent=2))
+    print(markdown(report))
+    print(f"written to {opts.out}/pipeline.{{json,md,png}}")
 
 
 if __name__ == "__main__":
