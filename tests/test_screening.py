@@ -8,8 +8,16 @@ from datetime import date
 
 import pytest
 
-from services.export_controls.domain import Screener, ScreeningList, default_screener, lifecycle, load_rulebook
+from services.export_controls.domain import (
+    RuleBook,
+    Screener,
+    ScreeningList,
+    default_screener,
+    lifecycle,
+    load_rulebook,
+)
 from services.export_controls.domain.screening import ScreeningEntry
+from shared.contract.facts import AwardFacts
 
 BOOK = load_rulebook()
 BASE = default_screener().list
@@ -149,7 +157,6 @@ def test_a_near_miss_raises_a_screening_review_anomaly() -> None:
 
 @pytest.mark.parametrize(("day", "outcome"), [("2025-06-09", "cleared"), ("2025-06-10", "denied")])
 def test_a_decision_screens_as_of_its_own_date(day: str, outcome: str) -> None:
-    from services.export_controls.domain import RuleBook
     from tests.test_export_lifecycle import award
 
     book = RuleBook(BOOK.rulesets, BOOK.catalogue, Screener(DATED))
@@ -158,3 +165,88 @@ def test_a_decision_screens_as_of_its_own_date(day: str, outcome: str) -> None:
     assert opened.evaluation.outcome == outcome, opened.evaluation.reasoning
     if outcome == "denied":
         assert any("listed 2025-06-10, 90 FR 99999" in s for s in opened.evaluation.reasoning)
+
+
+# --- addresses in decisions (the award's parties carry an optional address) ----------------------
+
+LOTUS_ADDRESS = "Unit 1801, 18/F, Example Harbour Tower, 1 Example Road, Kwun Tong, Kowloon"
+
+
+def _hk_award(consignee: str, address: str | None) -> AwardFacts:
+    """A Hong Kong consignee (the end user the same party), with or without a street address."""
+    from tests.test_export_lifecycle import award
+
+    base = award(country="HK", consignee=consignee, awarded_at="2025-06-02T00:00:00+00:00")
+    party = {"name": consignee, "country": "HK", **({"address": address} if address else {})}
+    return base.model_copy(
+        update={
+            "consignee": base.consignee.model_validate(party),
+            "end_user": base.end_user.model_validate({**party, "headquarters_country": "HK"}),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def csl_book(tmp_path_factory: pytest.TempPathFactory) -> RuleBook:
+    from pathlib import Path
+
+    from services.export_controls.domain.snapshots import import_csl
+
+    var = tmp_path_factory.mktemp("var")
+    csl = Path(__file__).resolve().parent.parent / "services/export_controls/data/csl/consolidated.json"
+    import_csl(csl.read_bytes(), var, source_file="consolidated.json")
+    return load_rulebook(var_dir=var)
+
+
+def test_a_party_at_a_listed_address_is_a_review_in_the_decision(csl_book: RuleBook) -> None:
+    # Another name at synthetic-001's listed address: not a hit (a name decides that), but not a
+    # silent clear either — the decision carries the address match and a SCREENING_REVIEW anomaly.
+    opened = lifecycle.open_case(_hk_award("Harbour Light Logistics Ltd.", LOTUS_ADDRESS), csl_book, {})
+    consignee = opened.evaluation.screening.parties[0]
+    assert consignee.method == "address" and consignee.review and not consignee.hit
+    assert consignee.matched_entry is not None and consignee.matched_entry.id == "synthetic-001"
+    review = [a for a in opened.anomalies if a["code"] == "SCREENING_REVIEW"]
+    assert [a["entry_id"] for a in review] == ["synthetic-001", "synthetic-001"]
+    assert any("address for review" in s for s in opened.evaluation.reasoning)
+    assert not opened.evaluation.explanation.screening_hits
+    # The same party without an address: nothing to review.
+    bare = lifecycle.open_case(_hk_award("Harbour Light Logistics Ltd.", None), csl_book, {})
+    assert not [a for a in bare.anomalies if a["code"] == "SCREENING_REVIEW"]
+
+
+def test_the_listed_name_at_its_address_is_a_hit(csl_book: RuleBook) -> None:
+    opened = lifecycle.open_case(
+        _hk_award("Example Lotus Compute Trading Co., Limited", LOTUS_ADDRESS),
+        csl_book,
+        {},
+    )
+    assert opened.evaluation.outcome == "denied"
+    assert [h.entry_id for h in opened.evaluation.explanation.screening_hits] == ["synthetic-001"] * 2
+
+
+def test_the_contract_carries_the_address_from_quote_to_award() -> None:
+    from shared.contract import QuoteSubmitted
+    from tests.test_export_lifecycle import award
+
+    party = {"name": "Harbour Light Logistics Ltd.", "country": "HK", "address": LOTUS_ADDRESS}
+    q = QuoteSubmitted.model_validate(
+        {
+            "quote_id": "Q-1",
+            "batch_id": "B-1",
+            "vendor_id": "v",
+            "model": "B200",
+            "quantity": 1,
+            "unit_price": {"amount": "1", "currency": "USD"},
+            "valid_until": "2025-09-30",
+            "lead_time_days": 0,
+            "origin_country": "US",
+            "route": [],
+            "consignee": party,
+            "end_user": {**party, "headquarters_country": "HK"},
+        }
+    )
+    assert q.consignee.address == LOTUS_ADDRESS and q.end_user.address == LOTUS_ADDRESS
+    facts = AwardFacts.model_validate(
+        {**award().model_dump(mode="json"), "consignee": q.consignee.model_dump(mode="json")}
+    )
+    assert lifecycle.export_request(facts).consignee.screening_address() == f"{LOTUS_ADDRESS}, HK"

@@ -122,3 +122,29 @@ def test_a_bad_active_snapshot_stops_the_start_up(tmp_path: Path) -> None:
     (tmp_path / "screening" / f"{snap.sha256}.json").write_text("{}")
     with pytest.raises(RulesetDataError):
         load_rulebook(var_dir=tmp_path)
+
+
+def test_the_service_follows_a_new_import_without_a_restart(tmp_path: Path) -> None:
+    from services.export_controls.domain.snapshots import ActiveScreening
+
+    book = load_rulebook(var_dir=tmp_path)  # nothing imported yet: the shipped list
+    shipped = book.shipped_screener
+    assert shipped is not None and book.screener is shipped
+    active = ActiveScreening(tmp_path, shipped, book.screener)
+    assert active.current() is shipped
+    first = import_csl((CSL / "consolidated.json").read_bytes(), tmp_path, source_file="consolidated.json")
+    assert active.current().list.sha256 == first.sha256
+    same = active.current()
+    assert active.current() is same  # pointer unchanged: the loaded snapshot is reused
+    second = import_csl(
+        (CSL / "consolidated.csv").read_bytes(), tmp_path, source_file="c.csv", source_date=date(2025, 6, 2)
+    )
+    assert active.current().list.sha256 == second.sha256 != first.sha256
+    # A pointer naming a snapshot that does not verify: refused, never used.
+    stored = tmp_path / "screening" / f"{first.sha256}.json"
+    stored.write_bytes(stored.read_bytes().replace(b"Huawei", b"Hua-wei"))
+    (tmp_path / "screening" / "ACTIVE").write_text(f"{first.sha256}\n")
+    with pytest.raises(RulesetDataError, match="does not match its hash"):
+        active.current()
+    (tmp_path / "screening" / "ACTIVE").unlink()
+    assert active.current() is shipped

@@ -14,13 +14,16 @@ partner's rejection in the ledger).
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from dataclasses import replace
 
 from sqlalchemy import Column, Text, select
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.export_controls.domain import Case, ExportControlError, lifecycle, load_rulebook
+from services.export_controls.domain import Case, ExportControlError, RuleBook, lifecycle, load_rulebook
+from services.export_controls.domain.snapshots import ActiveScreening
 from shared.contract import LICENSING_TOPIC, LicenseDenied, LicenseGranted, decisions_topic, event_type
 from shared.contract.cloudevents import CloudEvent
 from shared.contract.decisions import Accepted, Decision, RuleBroken, Verdict
@@ -30,6 +33,7 @@ from shared.runtime.service import Service, run_service
 from shared.runtime.settings import Settings
 
 SERVICE = "export_controls"
+log = logging.getLogger(__name__)
 
 
 class ExportCase(SQLModel, table=True):
@@ -104,6 +108,17 @@ class ExportControls:
     def __init__(self, settings: Settings) -> None:
         # Every data file loaded and checked now: a fault stops the start-up (see main()).
         self.book = load_rulebook(settings.export_data_dir, settings.export_ruleset, var_dir=settings.var_dir)
+        # A later `gputrace screening import` takes effect without a restart (checked per award).
+        self.screening = ActiveScreening(
+            settings.var_dir, self.book.shipped_screener or self.book.screener, self.book.screener
+        )
+
+    def _current_book(self) -> RuleBook:
+        screener = self.screening.current()
+        if screener is not self.book.screener:
+            log.info("screening snapshot now %s", screener.list.sha256)
+            self.book = replace(self.book, screener=screener)
+        return self.book
 
     async def on_decision(self, session: AsyncSession, event: CloudEvent, decision: Decision, emit: Emitter) -> None:
         """React to accepted awards; every other decision of the quotes service is not ours."""
@@ -112,9 +127,10 @@ class ExportControls:
         award = AwardFacts.model_validate(decision.facts[AWARD])
         if await session.get(ExportCase, award.batch_id) is not None:
             return  # one award per batch: a second look at the same award changes nothing
+        book = self._current_book()  # one snapshot for the whole decision, recorded in it
         try:
-            used = await _quota_used(session, lifecycle.quotas_read(award, self.book))
-            opened = lifecycle.open_case(award, self.book, used)
+            used = await _quota_used(session, lifecycle.quotas_read(award, book))
+            opened = lifecycle.open_case(award, book, used)
         except RuleBroken as broken:
             verdict: Verdict = broken.rejected()
         else:

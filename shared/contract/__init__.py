@@ -197,6 +197,9 @@ class Money(Contract):
 class Party(Contract):
     name: NonEmpty
     country: Country
+    # Street address as the partner has it (one line): screened against the listed addresses, so a
+    # party at a listed party's address goes to a human even under another name. Optional.
+    address: Annotated[str, Field(min_length=1, max_length=500)] | None = None
 
 
 class EndUser(Party):

@@ -318,9 +318,11 @@ def _listing(entry: MatchedEntry) -> str:
 
 def _screen(ctx: _Ctx, reasoning: list[str]) -> tuple[list[PartyScreening], list[ScreeningFinding]]:
     rs, sl = ctx.rs, ctx.screener.list
+    # Name and, when the partner gave one, address: an address-only match is a review, not a hit.
+    consignee, end_user = ctx.req.consignee, ctx.req.end_user
     parties = [
-        ctx.screener.screen(ctx.req.consignee.name, "consignee", on=ctx.req.decision_date),
-        ctx.screener.screen(ctx.req.end_user.name, "end_user", on=ctx.req.decision_date),
+        ctx.screener.screen(consignee.name, "consignee", on=ctx.on, address=consignee.screening_address()),
+        ctx.screener.screen(end_user.name, "end_user", on=ctx.on, address=end_user.screening_address()),
     ]
     findings: list[ScreeningFinding] = []
     for p in parties:
@@ -344,6 +346,13 @@ def _screen(ctx: _Ctx, reasoning: list[str]) -> tuple[list[PartyScreening], list
                 f"'{entry.matched_name}'{', contains the listed name' if p.method == 'contains_listed_name' else ''}"
                 f"{_listing(entry)}) with score {p.best_score:.1f} ≥ {p.threshold:g} "
                 f"(snapshot {sl.snapshot_date.isoformat()}) → {rule.outcome}: {rule.basis.strip()}"
+            )
+        elif entry is not None and p.review and p.method == "address":
+            reasoning.append(
+                f"Screening: {role} '{p.name}' — address for review: it matches the listed address "
+                f"'{entry.matched_name}' of {entry.list} entry '{entry.name}' ({entry.id}{_listing(entry)}) with "
+                f"score {p.best_score:.1f} ≥ {p.threshold:g}; the name does not match, so a human decides "
+                f"(snapshot {sl.snapshot_date.isoformat()})."
             )
         elif entry is not None and p.review:
             reasoning.append(

@@ -27,6 +27,16 @@ class _Frozen(BaseModel):
 class Party(_Frozen):
     name: Annotated[str, Field(min_length=1)]
     country: Country
+    # The street address the partner gave (optional): screened against listed addresses.
+    address: Annotated[str, Field(min_length=1)] | None = None
+
+    def screening_address(self) -> str | None:
+        """The address as the list writes it, ending in the country code ("…, Kowloon, HK"), so a
+        partner who leaves the country out of the line still compares like for like."""
+        if self.address is None:
+            return None
+        line = self.address.strip()
+        return line if line.upper().endswith(self.country) else f"{line}, {self.country}"
 
 
 class EndUser(Party):

@@ -33,6 +33,8 @@ class RuleBook:
     screener: Screener
     # EXPORT_RULESET: one version for every decision (a re-run), instead of the one in force.
     pinned: RuleSet | None = None
+    # The list shipped with the service: what screens when no snapshot is active.
+    shipped_screener: Screener | None = None
 
     def ruleset_on(self, on: date) -> RuleSet:
         """The version that decides a shipment planned for `on`; NoRulesetInForceError if none."""
@@ -81,7 +83,7 @@ def load_rulebook(data_dir: Path | None = None, pinned: str | None = None, var_d
         raise RulesetDataError(
             f"{directory / 'gpu_catalogue.yaml'}: no entry for the contract's GPU models {', '.join(missing)}"
         )
-    screener = _load(directory / "screening_list.yaml", lambda p: Screener(load_screening_list(p)))
+    shipped = screener = _load(directory / "screening_list.yaml", lambda p: Screener(load_screening_list(p)))
     if var_dir is not None:
         active = load_active(var_dir)  # a missing, altered or invalid snapshot stops the start-up
         if active is not None:
@@ -91,4 +93,5 @@ def load_rulebook(data_dir: Path | None = None, pinned: str | None = None, var_d
         catalogue=catalogue,
         screener=screener,
         pinned=get_ruleset(pinned, rulesets) if pinned else None,
+        shipped_screener=shipped,
     )

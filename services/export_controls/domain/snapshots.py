@@ -19,7 +19,7 @@ from typing import Any
 
 from .csl import parse_csl
 from .errors import RulesetDataError
-from .screening import MatchingConfig, ScreeningList, load_screening_list
+from .screening import MatchingConfig, Screener, ScreeningList, load_screening_list
 
 ACTIVE = "ACTIVE"
 
@@ -128,3 +128,39 @@ def list_snapshots(var_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+class ActiveScreening:
+    """The screener decisions use, following `ACTIVE` while the service runs.
+
+    `gputrace screening import` moves the pointer (an atomic rename, so a new inode); `current()`
+    costs one stat() while it has not moved, and when it has, loads and verifies the snapshot it
+    names before any decision uses it. A snapshot that does not verify raises RulesetDataError:
+    no decision is made against it, and none silently against the previous list either (the
+    event is retried, and dead-lettered if it stays broken). No pointer (never imported, or
+    removed): the list shipped with the service, as at start-up.
+    """
+
+    def __init__(self, var_dir: Path | None, shipped: Screener, initial: Screener) -> None:
+        self._pointer = None if var_dir is None else snapshot_dir(var_dir) / ACTIVE
+        self._var_dir = var_dir
+        self._shipped = shipped
+        self._screener = initial
+        self._seen: tuple[int, int, int] | None = None
+
+    def current(self) -> Screener:
+        if self._pointer is None or self._var_dir is None:
+            return self._screener
+        try:
+            st = self._pointer.stat()
+        except FileNotFoundError:
+            self._seen = None
+            self._screener = self._shipped
+            return self._screener
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen != self._seen:
+            digest = self._pointer.read_text().strip()
+            if digest != self._screener.list.sha256:
+                self._screener = Screener(load_snapshot(self._var_dir, digest))
+            self._seen = seen
+        return self._screener
