@@ -34,7 +34,7 @@ from shared.contract import (
 )
 from shared.contract.cloudevents import CloudEvent, UnreadableRecord, read_record
 from shared.contract.decisions import DECISION_TYPE, Decision, Verdict
-from shared.contract.parties import PartyRegistry
+from shared.contract.parties import PartyRegistry, load_private_key
 from shared.runtime import kafka_records
 from shared.runtime.consumer import (
     LETTER_VALUE_BYTES,
@@ -416,7 +416,7 @@ async def test_hostile_records_in_one_batch_are_each_answered_and_nothing_raises
 
 
 async def test_a_batch_level_write_that_fails_isolates_its_record_and_lets_the_others_through(
-    sessions: Any,
+    sessions: Any, keys: Path
 ) -> None:
     """Like the ledger's bulk append at the end of a batch: the failure belongs to no record's
     handler, so each record is replayed in its own transaction; the guilty one is retried, then
@@ -447,13 +447,19 @@ async def test_a_batch_level_write_that_fails_isolates_its_record_and_lets_the_o
             source=service_source("pledges"),
             type=DECISION_TYPE,
             data=decision.model_dump(mode="json"),
-        )
+        ).signed(load_private_key(keys / "pledges.key"))  # only the topic's owner is read
         key, value, headers = event.as_record()
         return ConsumerRecord(topic, 0, offset, 0, 0, key, value, None, 0, len(value), headers)
 
     batch = [record(0, "first"), record(1, "poison"), record(2, "last")]
+    registry = PartyRegistry.load(keys / "registry.json")
     ledger = BatchProcessor(
-        "ledger", sessions, internal_handler=on_decision, internal_topics=[topic], after_batch=after_batch
+        "ledger",
+        sessions,
+        registry=registry,
+        internal_handler=on_decision,
+        internal_topics=[topic],
+        after_batch=after_batch,
     )
     for _ in range(MAX_TRIES - 1):
         with pytest.raises(RetryBatch):

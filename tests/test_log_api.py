@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import socket
 import threading
 import time
@@ -36,9 +37,10 @@ from services.ledger.log_api import MAX_ENTRIES
 from services.ledger.main import create_app
 from services.ledger.projections import PROJECTION_TABLES
 from shared.contract.cloudevents import canonical_json
-from shared.contract.parties import write_private_key
+from shared.contract.parties import public_key_b64, write_private_key
 from shared.runtime.db import create_tables, make_engine, session_factory
 from shared.runtime.settings import Settings
+from tools.devkeys import generate_dev_registry
 
 ORIGIN = "test.gputrace.example/ledger"
 BATCHES = (1, 2, 5, 13, 29, 50, 100, 100)  # 300 entries; a checkpoint signed after each batch
@@ -101,6 +103,11 @@ def make_keys(directory: Path) -> Keys:
     key_path = directory / "ledger.key"
     write_private_key(key_path, private)
     tokens_path = directory / "tokens.json"
+    # The ledger reads the services' keys (and checks partner tokens) in the party registry.
+    registry = generate_dev_registry(directory)
+    doc = json.loads(registry.read_text())
+    partner = {"id": "partner-0", "roles": ["partner"], "public_key": public_key_b64(private.public_key())}
+    registry.write_text(json.dumps({"parties": [*doc["parties"], partner]}))
     tokens = write_dev_tokens(tokens_path, ["partner-0"])
     return Keys(directory, private, key_path, tokens_path, tokens)
 
@@ -222,6 +229,7 @@ def ledger_settings(db: LedgerDB, workdir: Path) -> Settings:
         database_url=db.url,
         ledger_signing_key=db.keys.key_path,
         api_tokens=db.keys.tokens_path,
+        party_registry=db.keys.directory / "registry.json",
         ledger_origin=ORIGIN,
         var_dir=workdir / "var",
         kafka_bootstrap_servers="127.0.0.1:9",  # never contacted: no lifespan, no consumer

@@ -41,13 +41,15 @@ def keys_init(
         "var/keys"
     ),
 ) -> None:
-    """Generate a development party registry, a key per party, the ledger key and API tokens.
+    """Generate a development party registry, a key per party and per deciding service, the ledger
+    key and API tokens.
 
     Existing keys and tokens are kept, so running it again is safe.
     """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from services.ledger.auth import write_dev_tokens
+    from shared.contract import DECIDING_SERVICES
     from shared.contract.parties import write_private_key
     from tools.devkeys import DEV_PARTIES, generate_dev_registry
 
@@ -59,6 +61,7 @@ def keys_init(
     tokens = write_dev_tokens(directory / "tokens.json", partners)
     console.print(f"registry   {registry}")
     console.print(f"ledger key {ledger_key}")
+    console.print(f"service keys {', '.join(str(directory / f'{s}.key') for s in DECIDING_SERVICES)}")
     # tokens.json holds only hashes; the plain development tokens are in tokens.dev.json.
     console.print(f"auditor token: [bold]{tokens['auditor']}[/bold]   (all tokens: {directory / 'tokens.dev.json'})")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.contract import Role
+from shared.contract import DECIDING_SERVICES, Role
 from shared.contract.parties import load_private_key, public_key_b64, write_private_key
 
 # The parties of the 2025 programme, for development and the demo.
@@ -32,11 +32,18 @@ DEV_PARTIES: list[tuple[str, str, list[Role]]] = [
 ]
 
 
+# Each deciding service signs its decisions with a key of its own (<service>.key, role `service`).
+DEV_SERVICES: list[tuple[str, str, list[Role]]] = [
+    (service, f"gputrace {service} service", [Role.SERVICE]) for service in DECIDING_SERVICES
+]
+
+
 def generate_dev_registry(directory: Path) -> Path:
-    """Write registry.json and <party>.key files; existing keys are kept, so re-running is safe."""
+    """Write registry.json and <party>.key / <service>.key files; existing keys are kept, so
+    re-running is safe."""
     directory.mkdir(parents=True, exist_ok=True)
     parties = []
-    for party_id, name, roles in DEV_PARTIES:
+    for party_id, name, roles in [*DEV_PARTIES, *DEV_SERVICES]:
         key_path = directory / f"{party_id}.key"
         if key_path.exists():
             key = load_private_key(key_path)

@@ -1,8 +1,16 @@
-"""Turns each decision of every service into a log entry and its projections, in one transaction."""
+"""Turns each decision of every service into a log entry and its projections, in one transaction.
+
+A log entry is the decision exactly as its service signed it (the record's `data`) plus its
+signed envelope under `envelope` (the CloudEvents attributes and `ce_signature`), so an auditor
+re-checks the service's signature on every entry (gputrace_verifier.audit): the structured event
+the signature covers is the envelope without `signature`, plus `data` = the entry without
+`envelope`.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -12,7 +20,7 @@ from services.ledger.projections import project
 from shared.contract import fit
 from shared.contract.cloudevents import CloudEvent
 from shared.contract.decisions import Decision
-from shared.runtime.consumer import Emitter
+from shared.runtime.consumer import ENVELOPE_FIELD, Emitter
 from shared.runtime.observability import LEDGER_SIZE
 
 _WRITER = "gputrace.log_writer"
@@ -32,7 +40,7 @@ class Appender:
         await project(session, decision, writer.size)
         # The index columns are bounded (log_entries); the entry itself keeps every character.
         appended = writer.append(
-            decision.model_dump(mode="json"),
+            signed_entry(event),
             service=fit(decision.service, 40),
             event_type=fit(decision.event_type, 100),
             status=fit(decision.status, 20),
@@ -58,6 +66,13 @@ class Appender:
         if writer is not None:
             await writer.finish(self.origin, self.origin, self._key)
             LEDGER_SIZE.set(writer.size)
+
+
+def signed_entry(event: CloudEvent) -> dict[str, Any]:
+    """The log entry of a decision record the runtime authenticated (shared.runtime.consumer.forgery):
+    the signed data as received, not re-serialised from the model, so the signature still verifies."""
+    envelope = {**event.attributes(), "signature": event.signature}
+    return {**event.data, ENVELOPE_FIELD: envelope}
 
 
 def _fit(value: str | None) -> str | None:

@@ -19,7 +19,7 @@ from services.ledger.log_api import log_router
 from services.ledger.projections import PROJECTION_TABLES, prefetch
 from shared.contract import DECIDING_SERVICES, decisions_topic
 from shared.contract.parties import PartyRegistry, load_private_key
-from shared.runtime.service import Service
+from shared.runtime.service import Service, ServiceConfigError
 from shared.runtime.settings import Settings
 
 SERVICE = "ledger"
@@ -93,7 +93,7 @@ def main() -> None:
     settings = Settings()
     try:
         service_app = create_app(settings)
-    except LedgerConfigError as exc:
+    except (LedgerConfigError, ServiceConfigError) as exc:
         # One clear line and a non-zero exit, not a traceback.
         log.critical("%s", exc)
         raise SystemExit(f"ledger: {exc}") from None

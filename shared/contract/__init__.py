@@ -35,6 +35,8 @@ DECIDING_SERVICES = ("pledges", "quotes", "export_controls", "deliveries")
 LEDGER = "ledger"
 SERVICES = (*DECIDING_SERVICES, LEDGER)
 DECISION_TOPICS = frozenset(decisions_topic(s) for s in DECIDING_SERVICES)
+# Who may write each decisions topic: a record there counts only if this service signed it.
+DECISION_TOPIC_OWNERS: dict[str, str] = {decisions_topic(s): s for s in DECIDING_SERVICES}
 
 # Partition counts are declared here and created by the project (auto-creation is off).
 TOPIC_PARTITIONS: dict[str, int] = {
@@ -70,6 +72,8 @@ class Role(StrEnum):
     LICENSING_AUTHORITY = "licensing-authority"
     LOGISTICS = "logistics"
     SITE = "site"
+    # A gputrace service: signs its decisions with its own key; never sends partner events.
+    SERVICE = "service"
 
 
 class ReasonCode(StrEnum):

@@ -1,8 +1,10 @@
 """The party registry: who may publish, in which roles, with which Ed25519 key.
 
-The registry is a JSON file (`PARTY_REGISTRY`), public keys only. `gputrace keys init` writes a
-development registry and one private key per party beside it, so the demo and the tests can
-sign as any party; production registries come from the programme office.
+The registry is a JSON file (`PARTY_REGISTRY`), public keys only: the partners', and one entry per
+deciding service (role `service`, id = the service's name) whose key signs its decisions.
+`gputrace keys init` writes a development registry and one private key per party and service
+beside it, so the demo and the tests can sign as any party; production registries come from the
+programme office.
 """
 
 from __future__ import annotations
@@ -46,9 +48,16 @@ class PartyRegistry:
         )
 
     def by_source(self, source: str) -> RegisteredParty | None:
+        """The partner (never a service) that a partner event's ce_source names."""
         if not source.startswith(PARTY_SOURCE_PREFIX):
             return None
-        return self._by_id.get(source[len(PARTY_SOURCE_PREFIX) :])
+        party = self._by_id.get(source[len(PARTY_SOURCE_PREFIX) :])
+        return None if party is None or Role.SERVICE in party.roles else party
+
+    def service(self, name: str) -> RegisteredParty | None:
+        """The registered key of a gputrace service (role `service`), which signs its decisions."""
+        party = self._by_id.get(name)
+        return party if party is not None and Role.SERVICE in party.roles else None
 
     def get(self, party_id: str) -> RegisteredParty | None:
         return self._by_id.get(party_id)

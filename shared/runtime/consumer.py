@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import ConsumerRecord
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 from sqlalchemy import delete, select, tuple_
 from sqlalchemy import event as sa_event
@@ -37,6 +38,7 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.contract import (
+    DECISION_TOPIC_OWNERS,
     DLQ_TOPIC,
     EVENTS,
     MAX_SUBJECT_CHARS,
@@ -71,7 +73,14 @@ from shared.contract.decisions import (
 from shared.contract.parties import PartyRegistry, RegisteredParty
 from shared.runtime.aggregates import AggregateCache
 from shared.runtime.db import DeliveryFailure, ProcessedMessage, utcnow
-from shared.runtime.observability import DEAD_LETTERS, DECISIONS, DUPLICATES, EVENTS_CONSUMED, event_type_label
+from shared.runtime.observability import (
+    DEAD_LETTERS,
+    DECISIONS,
+    DUPLICATES,
+    EVENTS_CONSUMED,
+    FORGED_DECISIONS,
+    event_type_label,
+)
 from shared.runtime.outbox import Pending, enqueue, pending_of
 
 log = logging.getLogger(__name__)
@@ -97,11 +106,19 @@ PartnerHandler = Callable[[AsyncSession, Inbound], Awaitable[Verdict]]
 class Emitter:
     """Lets a handler record decisions a service takes on its own (not in answer to a partner)."""
 
-    def __init__(self, service: str, session: AsyncSession, trigger: CloudEvent, trace: dict[str, str]) -> None:
+    def __init__(
+        self,
+        service: str,
+        session: AsyncSession,
+        trigger: CloudEvent,
+        trace: dict[str, str],
+        key: Ed25519PrivateKey | None = None,
+    ) -> None:
         self._service = service
         self._session = session
         self._trigger = trigger
         self._trace = trace
+        self._key = key
         self.emitted: list[Decision] = []
 
     def decide(
@@ -128,7 +145,7 @@ class Emitter:
             facts=verdict.facts,
             anomalies=verdict.anomalies,
         )
-        publish_decision(self._session, decision, trace=self._trace, trusted_type=True)
+        publish_decision(self._session, decision, trace=self._trace, trusted_type=True, key=self._key)
         self.emitted.append(decision)
         return decision
 
@@ -142,24 +159,69 @@ Prefetch = Callable[[AsyncSession, Sequence[CloudEvent]], Awaitable[None]]
 
 
 def publish_decision(
-    session: AsyncSession, decision: Decision, trace: dict[str, str] | None = None, trusted_type: bool = False
+    session: AsyncSession,
+    decision: Decision,
+    trace: dict[str, str] | None = None,
+    trusted_type: bool = False,
+    key: Ed25519PrivateKey | None = None,
 ) -> None:
+    """Enqueue a decision on the service's decisions topic, signed with the service's key exactly
+    like a partner event (docs/partner-contract.md §2–§4). Unsigned (no key) it is a record every
+    reader dead-letters: only a service's own key makes its decision count."""
     # trusted_type: the service chose the type (Emitter); otherwise it is the partner's ce_type.
     label = decision.event_type if trusted_type else event_type_label(decision.event_type)
     DECISIONS.labels(decision.service, label, decision.status, decision.reason_code or "").inc()
-    enqueue(
-        session,
-        decisions_topic(decision.service),
-        CloudEvent(
-            id=decision.decision_id,
-            source=service_source(decision.service),
-            type=DECISION_TYPE,
-            subject=decision.aggregate_id,
-            time=decision.decided_at.isoformat(),
-            data=decision.model_dump(mode="json"),
-            trace=dict(trace or {}),
-        ),
+    event = CloudEvent(
+        id=decision.decision_id,
+        source=service_source(decision.service),
+        type=DECISION_TYPE,
+        subject=decision.aggregate_id,
+        time=decision.decided_at.isoformat(),
+        data=decision.model_dump(mode="json"),
+        trace=dict(trace or {}),
     )
+    enqueue(session, decisions_topic(decision.service), event.signed(key) if key is not None else event)
+
+
+# The member a ledger entry adds to the signed decision for its envelope (services.ledger.appender);
+# a decision may not carry it itself, or the entry would be ambiguous.
+ENVELOPE_FIELD = "envelope"
+
+
+def forgery(event: CloudEvent, topic: str, registry: PartyRegistry | None) -> tuple[str, str] | None:
+    """Why a record on a decisions topic does not count as its owner's decision, or None: (a label
+    of FORGERY_REASONS, the message). Counted only if the owner's registered key signed it."""
+    owner = DECISION_TOPIC_OWNERS.get(topic)
+    if owner is None:
+        return "not_a_decisions_topic", f"{topic} is not a decisions topic of any service"
+    if event.source != service_source(owner):
+        return "wrong_source", f"ce_source {fit(event.source, 200)!r} is not {service_source(owner)!r}"
+    if not event.signature:
+        return "unsigned", "missing ce_signature"
+    key = registry.service(owner) if registry is not None else None
+    if key is None:
+        return "unknown_service", f"the party registry has no key for the {owner} service"
+    if not event.verify(key.public_key):
+        return "bad_signature", f"signature does not verify with the {owner} service's key"
+    if event.type != DECISION_TYPE:
+        return "wrong_type", f"ce_type {fit(event.type, 200)!r} is not {DECISION_TYPE}"
+    if event.data.get("service") != owner:
+        return "wrong_service", f"data.service {fit(str(event.data.get('service')), 200)!r} is not {owner!r}"
+    if ENVELOPE_FIELD in event.data:
+        return "reserved_field", f"data.{ENVELOPE_FIELD} is reserved for the ledger"
+    return None
+
+
+FORGERY_REASONS = (
+    "not_a_decisions_topic",
+    "wrong_source",
+    "unsigned",
+    "unknown_service",
+    "bad_signature",
+    "wrong_type",
+    "wrong_service",
+    "reserved_field",
+)
 
 
 # Deliveries of a record whose handler fails before it is given up (dead letter, INTERNAL_ERROR).
@@ -270,8 +332,11 @@ class BatchProcessor:
         internal_topics: Sequence[str] = (),
         after_batch: BatchHook | None = None,
         prefetch: Prefetch | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.service = service
+        # Signs every decision this service publishes (shared.runtime.service loads and checks it).
+        self._signing_key = signing_key
         self._internal_topics = frozenset(internal_topics)
         self._sessions = sessions
         self._registry = registry
@@ -355,6 +420,17 @@ class BatchProcessor:
         if internal:
             if got.problem is not None:
                 return _Item(record, _kafka_key(record), unreadable=got.problem)
+            # A decision counts only if the service owning the topic signed it: anyone else who
+            # can write the topic gets a dead letter, never an entry, a fact or a follow-up.
+            forged = forgery(ev, record.topic, self._registry)
+            if forged is not None:
+                label, why = forged
+                FORGED_DECISIONS.labels(self.service, record.topic, label).inc()
+                owner = DECISION_TOPIC_OWNERS.get(record.topic, "its owner")
+                # Keyed by position: a forgery never claims (or shadows) a genuine decision's id.
+                return _Item(
+                    record, _kafka_key(record), unreadable=f"decision on {record.topic} not signed by {owner}: {why}"
+                )
             return _Item(record, _key(ev.source, ev.id), event=ev, received=got)
         party = self._registry.by_source(ev.source) if self._registry else None
         # An event beyond the limits is not signature-checked: RFC 8785 cannot even serialise it.
@@ -516,7 +592,7 @@ class BatchProcessor:
             anomalies=verdict.anomalies,
         )
         trace = child_trace(event.trace)
-        publish_decision(session, decision, trace=trace)
+        publish_decision(session, decision, trace=trace, key=self._signing_key)
         outcome = Outcome(
             event_id=event.id,
             event_source=event.source,
@@ -619,7 +695,7 @@ class BatchProcessor:
             # Not a decision at all: no retry will make it one.
             self._dead_letter(session, item.record, f"not a decision: {_short_errors(exc)}")
             return
-        emitter = Emitter(self.service, session, event, child_trace(event.trace))
+        emitter = Emitter(self.service, session, event, child_trace(event.trace), key=self._signing_key)
         await self._internal_handler(session, event, decision, emitter)
         _mark(session, item.key, None)
 

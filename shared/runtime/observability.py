@@ -22,6 +22,12 @@ OUTBOX_PUBLISHED = Counter("gputrace_outbox_published_total", "Outbox rows publi
 OUTBOX_PARKED = Counter(
     "gputrace_outbox_parked_total", "Outbox rows that can never be sent, parked for ops", ["service", "reason"]
 )
+# Records on a decisions topic not signed by the topic's owner; `reason` is one of FORGERY_REASONS.
+FORGED_DECISIONS = Counter(
+    "gputrace_forged_decisions_total",
+    "Records on a decisions topic not signed by the service that owns it (dead-lettered)",
+    ["service", "topic", "reason"],
+)
 LEDGER_SIZE = Gauge("gputrace_ledger_size", "Entries in the ledger's Merkle log")
 
 OTHER = "other"

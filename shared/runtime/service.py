@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 from aiokafka import ConsumerRecord
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from faststream import AckPolicy
@@ -24,8 +25,8 @@ from prometheus_client import make_asgi_app
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.contract import DECISION_TOPICS
-from shared.contract.parties import PartyRegistry
+from shared.contract import DECIDING_SERVICES, DECISION_TOPIC_OWNERS, DECISION_TOPICS
+from shared.contract.parties import PartyRegistry, load_private_key, public_key_b64
 from shared.runtime.consumer import (
     BatchHook,
     BatchProcessor,
@@ -70,6 +71,44 @@ async def _decoder(message: Any, original: Any) -> None:
     return None
 
 
+class ServiceConfigError(RuntimeError):
+    """The service cannot start as configured; the message (one line) says what to do."""
+
+
+def load_registry(settings: Settings, name: str) -> PartyRegistry:
+    path = settings.party_registry
+    if not path.exists():
+        raise ServiceConfigError(
+            f"no party registry at {path}: create it with `gputrace keys init` (or set PARTY_REGISTRY)"
+        )
+    return PartyRegistry.load(path)
+
+
+def signing_key(settings: Settings, name: str, registry: PartyRegistry) -> Ed25519PrivateKey:
+    """The key a deciding service signs its decisions with: it must exist and be the one the
+    registry names for the service, or its every decision would be dead-lettered downstream."""
+    path = settings.signing_key_path(name)
+    fix = "create it with `gputrace keys init` (or set SERVICE_SIGNING_KEY to the service's key)"
+    if not path.exists():
+        raise ServiceConfigError(f"no signing key for the {name} service at {path}: {fix}")
+    try:
+        key = load_private_key(path)
+    except ValueError as exc:
+        raise ServiceConfigError(f"the {name} service's signing key at {path} is unreadable ({exc}): {fix}") from None
+    entry = registry.service(name)
+    if entry is None:
+        raise ServiceConfigError(
+            f"the party registry {settings.party_registry} has no entry for the {name} service (role service): "
+            "add it with `gputrace keys init`"
+        )
+    if public_key_b64(entry.public_key) != public_key_b64(key.public_key()):
+        raise ServiceConfigError(
+            f"the {name} service's signing key at {path} does not match its entry in {settings.party_registry}: "
+            "run `gputrace keys init` with the same keys directory, or register this key"
+        )
+    return key
+
+
 class Service:
     def __init__(
         self,
@@ -89,16 +128,28 @@ class Service:
         self.sessions = session_factory(self.engine)
         self.tables = list(tables)
         self.topics = list(topics)
-        registry = PartyRegistry.load(self.settings.party_registry) if partner_handlers else None
+        internal_topics = [t for t in self.topics if t in DECISION_TOPICS]
+        deciding = name in DECIDING_SERVICES
+        registry = load_registry(self.settings, name) if partner_handlers or internal_topics or deciding else None
+        key = signing_key(self.settings, name, registry) if deciding and registry is not None else None
+        for topic in internal_topics:
+            owner = DECISION_TOPIC_OWNERS[topic]
+            if registry is not None and registry.service(owner) is None:
+                # Every record of that topic would be dead-lettered: refuse, rather than drop them all.
+                raise ServiceConfigError(
+                    f"the party registry {self.settings.party_registry} has no key for the {owner} service, whose "
+                    f"decisions {name} reads: add it with `gputrace keys init`"
+                )
         self.processor = BatchProcessor(
             name,
             self.sessions,
             registry=registry,
             partner_handlers=partner_handlers,
             internal_handler=internal_handler,
-            internal_topics=[t for t in self.topics if t in DECISION_TOPICS],
+            internal_topics=internal_topics,
             after_batch=after_batch,
             prefetch=prefetch,
+            signing_key=key,
         )
         self.readiness = Readiness(
             stall_seconds=self.settings.readiness_stall_seconds,
@@ -218,5 +269,10 @@ class Service:
 
 def run_service(build: Callable[[], Service]) -> None:
     """`python -m services.<name>`: build the service from the environment and serve it."""
-    service = build()
+    try:
+        service = build()
+    except ServiceConfigError as exc:
+        # One clear line and a non-zero exit, not a traceback.
+        log.critical("%s", exc)
+        raise SystemExit(f"refusing to start: {exc}") from None
     service.serve(service.http_app())

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     party_registry: Path = Field(
         DEFAULT_VAR_DIR / "keys" / "registry.json", description="JSON registry of parties and public keys."
     )
+    service_signing_key: Path | None = Field(
+        None,
+        description="Ed25519 PEM key a deciding service signs its decisions with; it must match the service's "
+        "entry (role service) in PARTY_REGISTRY. Unset: <service>.key beside PARTY_REGISTRY.",
+    )
     consumer_group_prefix: str = Field("gputrace", description="Consumer groups are <prefix>-<service>.")
     batch_max_records: int = Field(500, description="Most records handled in one database transaction.")
     batch_timeout_ms: int = Field(100, description="How long a poll waits to fill a batch.")
@@ -64,6 +69,9 @@ class Settings(BaseSettings):
         description="Export-control data (rulesets/, country_groups.yaml, gpu_catalogue.yaml, screening_list.yaml), "
         "loaded and checked at start-up; unset: the data shipped with the service.",
     )
+
+    def signing_key_path(self, service: str) -> Path:
+        return self.service_signing_key or self.party_registry.parent / f"{service}.key"
 
     def sqlalchemy_url(self, service: str) -> str:
         if not self.database_url:

@@ -15,6 +15,7 @@ Exit codes (stable; scripts and cron jobs rely on them):
     4  inconsistent: the log forked or shrank relative to the trusted checkpoint
     5  entry or root mismatch: stored entries do not hash to what the log signed
     6  proof failure: an inclusion or consistency proof served by the log does not verify
+    8  an entry is not signed by the service that decided it (checked with --service-keys)
     7  no witness quorum: fewer than --witness-quorum valid cosignatures (--witness) on the checkpoint
 """
 
@@ -35,10 +36,12 @@ from typing import Any, NoReturn
 
 import httpx
 import rfc8785
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import Checkpoint, CheckpointError, parse_and_verify, parse_vkey
 from gputrace_verifier.cosignature import parse_witness_vkey, verify_cosignatures
+from gputrace_verifier.service_keys import ServiceKeyError, public_key, read_service_keys, signature_problem
 
 PAGE_MAX = 1000  # the server's per-call limit on /v1/log/entries
 
@@ -51,13 +54,15 @@ class Exit(IntEnum):
     INCONSISTENT = 4
     MISMATCH = 5
     PROOF = 6
+    ENTRY_SIGNATURE = 8
     WITNESS = 7
 
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 usage/config; 2 network/HTTP error; 3 checkpoint signature invalid; "
     "4 inconsistent with the trusted checkpoint (fork or shrink); 5 entry/root mismatch; 6 proof failure; "
-    "7 no witness quorum (fewer valid --witness cosignatures than --witness-quorum)."
+    "7 no witness quorum (fewer valid --witness cosignatures than --witness-quorum); "
+    "8 an entry not signed by the service that decided it (--service-keys)."
 )
 
 
@@ -146,6 +151,8 @@ class Trusted:
 class State:
     path: Path
     pinned_vkey: str | None = None
+    # The services' decision keys (name -> base64), pinned from the first --service-keys.
+    service_keys: dict[str, str] | None = None
     logs: dict[str, Trusted] = field(default_factory=dict)  # by log origin, not by URL: a mirror
     # or a moved server must extend the same history
 
@@ -158,12 +165,16 @@ class State:
             logs = {origin: Trusted.from_json(t) for origin, t in doc.get("logs", {}).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             fail(Exit.USAGE, f"state file {path} is unreadable ({e}); fix it or pass another --state")
-        return cls(path, doc.get("pinned_vkey"), logs)
+        service_keys = doc.get("service_keys")
+        if service_keys is not None and not isinstance(service_keys, dict):
+            fail(Exit.USAGE, f"state file {path}: service_keys is not an object")
+        return cls(path, pinned_vkey=doc.get("pinned_vkey"), logs=logs, service_keys=service_keys)
 
     def save(self) -> None:
         doc = {
             "version": 1,
             "pinned_vkey": self.pinned_vkey,
+            "service_keys": self.service_keys,
             "logs": {origin: t.to_json() for origin, t in self.logs.items()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -488,6 +499,7 @@ class Options:
     tofu: bool
     witnesses: list[str] = field(default_factory=list)  # witness vkeys (or files holding one)
     witness_quorum: int | None = None  # None: every given witness
+    service_keys: str | None = None  # a party registry file: its `service` entries sign the decisions
 
 
 @dataclass
@@ -498,6 +510,7 @@ class Report:
     previous_size: int | None
     downloaded: int
     spot_checked: int
+    signatures_checked: int | None = None  # None: no service keys, service signatures not checked
 
 
 def _pages(start: int, end: int, page: int) -> Iterator[tuple[int, int]]:
@@ -552,7 +565,10 @@ def _verify(
     resume = incremental and trusted is not None and trusted.frontier is not None
     if consistency_problem and resume:  # without the old entries we cannot tell a fork from bad nodes
         fail(Exit.INCONSISTENT, consistency_problem)
-    frontier, leaves, prefix_root = _download(client, cp, trusted if resume else None, trusted, page_size, ui)
+    keys = resolve_service_keys(opts.service_keys, state, ui)
+    frontier, leaves, prefix_root = _download(
+        client, cp, trusted if resume else None, trusted, page_size, ui, service_keys=keys
+    )
 
     root = frontier.root()
     if root != cp.root_hash:
@@ -588,7 +604,36 @@ def _verify(
         verified_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     state.save()
-    return Report(origin, cp.size, cp.root_hash, trusted.size if trusted else None, len(leaves), checked)
+    signed = len(leaves) if keys is not None else None
+    return Report(origin, cp.size, cp.root_hash, trusted.size if trusted else None, len(leaves), checked, signed)
+
+
+def resolve_service_keys(path: str | None, state: State, ui: Ui) -> dict[str, Ed25519PublicKey] | None:
+    """The services' keys: from the party registry given (--service-keys), pinned in the state file
+    on first use; else the pinned ones; else None (entries' service signatures are not checked)."""
+    if path:
+        try:
+            given = read_service_keys(Path(path))
+        except ServiceKeyError as e:
+            fail(Exit.USAGE, f"--service-keys: {e}")
+        if state.service_keys and state.service_keys != given:
+            ui.notice(
+                f"note: --service-keys differ from the service keys pinned in {state.path}; using them", warning=True
+            )
+        state.service_keys = given
+    elif state.service_keys:
+        ui.notice(f"checking service signatures with the service keys pinned in {state.path}")
+    else:
+        ui.notice(
+            "service signatures NOT checked: pass --service-keys REGISTRY (the programme's party registry) to check "
+            "that every entry is signed by the service that decided it",
+            warning=True,
+        )
+        return None
+    try:
+        return {name: public_key(name, key) for name, key in state.service_keys.items()}
+    except ServiceKeyError as e:
+        fail(Exit.USAGE, f"service keys: {e}")
 
 
 def check_witness_quorum(note: str, opts: Options, ui: Ui) -> None:
@@ -668,7 +713,13 @@ def _diagnose_consistency(client: LedgerClient, first: int, second: int, leaves:
 
 
 def _download(
-    client: LedgerClient, cp: Checkpoint, resume_from: Trusted | None, trusted: Trusted | None, page_size: int, ui: Ui
+    client: LedgerClient,
+    cp: Checkpoint,
+    resume_from: Trusted | None,
+    trusted: Trusted | None,
+    page_size: int,
+    ui: Ui,
+    service_keys: dict[str, Ed25519PublicKey] | None = None,
 ) -> tuple[merkle.Frontier, Leaves, bytes | None]:
     """Fetch entries, re-hash each one, and fold them into a frontier. Returns the frontier at
     cp.size, our own leaf hashes, and the root we computed at the trusted size (if we passed it)."""
@@ -692,6 +743,7 @@ def _download(
     if trusted is not None and trusted.size == 0:
         prefix_root = merkle.EMPTY_ROOT
     problems: list[str] = []
+    unsigned: list[str] = []  # entries whose service signature fails (checked with service_keys)
     with ui.progress("re-hashing entries", cp.size - start) as advance:
         for lo, hi in _pages(start, cp.size, page_size):
             index = lo
@@ -707,6 +759,9 @@ def _download(
                         fail(Exit.MISMATCH, f"the server returned more entries than asked for [{lo}, {hi})")
                     leaf, found = check_entry(index, item)
                     problems.extend(found)
+                    if service_keys is not None and not found:
+                        if (why := signature_problem(index, item["entry"], service_keys)) is not None:
+                            unsigned.append(why)
                     frontier.append(leaf)
                     leaves.append(leaf)
                     index += 1
@@ -716,6 +771,9 @@ def _download(
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         fail(Exit.MISMATCH, "; ".join(problems[:10]) + more)
+    if unsigned:
+        more = f" (and {len(unsigned) - 10} more)" if len(unsigned) > 10 else ""
+        fail(Exit.ENTRY_SIGNATURE, "not signed by the deciding service: " + "; ".join(unsigned[:10]) + more)
     return frontier, leaves, prefix_root
 
 

@@ -34,6 +34,7 @@ from gputrace_verifier.audit import (
 
 PROG = "gputrace-audit"
 ENV_URL, ENV_TOKEN, ENV_VKEY = "GPUTRACE_URL", "GPUTRACE_TOKEN", "GPUTRACE_LEDGER_VKEY"
+ENV_SERVICE_KEYS = "GPUTRACE_SERVICE_KEYS"
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 # ANSI styles, used only when the stream is a terminal and NO_COLOR is unset (https://no-color.org).
@@ -141,6 +142,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="The ledger's verifier key (<name>+<id>+<base64>), or a file holding it, as published out of band"
         f" (env {ENV_VKEY}). Required unless a key was pinned with --tofu.",
     )
+    parser.add_argument(
+        "--service-keys",
+        default=_env(ENV_SERVICE_KEYS),
+        metavar="REGISTRY",
+        help="The programme's party registry (JSON, as published by the programme office): `verify` checks that"
+        " every entry is signed by the service that decided it with the key of its `service` entry, else exit 8."
+        f" Pinned in the state file on first use (env {ENV_SERVICE_KEYS}).",
+    )
     parser.add_argument("--origin", help="Expected log origin (default: the key's name, as C2SP recommends).")
     parser.add_argument(
         "--tofu",
@@ -225,9 +234,16 @@ def _verify_command(opts: Options, args: argparse.Namespace, stdout: IO[str], ui
     print(
         f"{_paint(stdout, 'OK', GREEN)} {report.origin}: size {report.size}, root {b64(report.root_hash)}; "
         f"{since}; {report.downloaded} entries re-hashed; {report.spot_checked} inclusion proofs checked; "
+        f"{_signatures(report.signatures_checked)}; "
         f"trusted checkpoint saved to {opts.state}",
         file=stdout,
     )
+
+
+def _signatures(checked: int | None) -> str:
+    if checked is None:
+        return "service signatures NOT checked (no --service-keys)"
+    return f"{checked} service signatures verified"
 
 
 def _batch_command(opts: Options, args: argparse.Namespace, stdout: IO[str], ui: Ui) -> None:
@@ -318,6 +334,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         tofu=args.tofu,
         witnesses=getattr(args, "witnesses", []),
         witness_quorum=getattr(args, "witness_quorum", None),
+        service_keys=args.service_keys,
     )
     command = _verify_command if args.command == "verify" else _batch_command
     try:
