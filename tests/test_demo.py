@@ -15,6 +15,7 @@ import pytest
 
 from tests.stack import auditor_headers
 from tools.demo import DAMAGED_UNITS, FAILED, FORGED, LICENSED, plan
+from tools.demo.programme import DAMAGED, TARGET_GPUS
 from tools.devstack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,19 +83,28 @@ def test_the_ledger_holds_the_programme(
     p = plan(program_id, run_id, SCALE, SEED)
 
     program = get(ledger, "/v1/program", program_id=program_id)
-    assert program["gpus"] == p.in_kind_gpus() == {"B200": 77 + 24, "H200-SXM": 31}
-    assert program["gpus_total"] == 132
-    assert program["capital"] == {"KRW": str(p.pledged_capital())}, "Kakao's amendment counts"
+    # 26 tranches of 10,000 (the 2025-10-31 programme) at a hundredth: 100 GPUs each.
+    assert program["gpus"] == p.in_kind_gpus() == {"B200": 10 * 100, "GB200": 16 * 100}
+    assert program["gpus_total"] == 2600 == TARGET_GPUS // 100
+    assert program["capital"] == {"KRW": str(p.pledged_capital())}, "SK's amendment counts"
     assert program["disbursed"] == {"KRW": str(p.disbursed())}
+    # The running totals (kept at each append) agree with the batches the ledger lists.
+    units = sum(b.units for b in p.batches)
+    assert program["batches_by_stage"] == {"accepted": 26} and program["batches_total"] == 26
+    flow = program["pipeline_gpus"]
+    assert flow["awarded"] == flow["dispatched"] == flow["received"] == units
+    assert flow["damaged"] == DAMAGED_UNITS and flow["failed"] == 1
+    assert flow["installed"] == units - DAMAGED_UNITS and flow["accepted"] == units - DAMAGED_UNITS - 1
+    assert program["anomalies_by_code"] == {"ACCEPTANCE_FAILED": 1, "DAMAGED_IN_TRANSIT": 1}
 
     listed = get(ledger, "/v1/batches", program_id=program_id, limit=50)
-    assert listed["total"] == len(p.batches) == 5
+    assert listed["total"] == len(p.batches) == 26
     assert {b["batch_id"]: b["status"] for b in listed["items"]} == {b.batch_id: "accepted" for b in p.batches}
     for b in p.batches:
         doc = next(i for i in listed["items"] if i["batch_id"] == b.batch_id)
         assert doc["vendor_id"] == b.winner.vendor, "the cheapest quote wins"
         assert doc["quantities"]["awarded"] == doc["quantities"]["dispatched"] == b.units
-        assert doc["export"]["rule_version"].startswith("post-rescission")
+        assert doc["export"]["rule_version"].startswith(("post-rescission", "review-policy-2026"))
 
 
 def test_licence_damage_failure_and_forgery_are_on_record(
@@ -108,7 +118,7 @@ def test_licence_damage_failure_and_forgery_are_on_record(
     assert licensed["export"]["status"] == "licensed" and licensed["export"]["license_number"]
     assert licensed["export"]["outcome"] == "license_required"
 
-    damaged = p.batch("NHN")
+    damaged = p.batch(DAMAGED)
     q = get(ledger, f"/v1/batches/{damaged.batch_id}")["quantities"]
     assert (q["received"], q["damaged"]) == (damaged.units, DAMAGED_UNITS)
     assert q["installed"] == q["accepted"] == damaged.units - DAMAGED_UNITS

@@ -22,6 +22,11 @@ DEV_PARTIES: list[tuple[str, str, list[Role]]] = [
     ("kt-cloud", "KT Cloud", [Role.PARTNER]),
     ("kdb", "Korea Development Bank", [Role.PARTNER]),
     ("ibk", "Industrial Bank of Korea", [Role.PARTNER]),
+    # The 2025-10-31 programme's partners (about 260,000 Blackwell GPUs; tools/demo/programme.py).
+    ("msit", "Ministry of Science and ICT", [Role.PARTNER]),
+    ("samsung-electronics", "Samsung Electronics", [Role.PARTNER]),
+    ("sk-group", "SK Group", [Role.PARTNER]),
+    ("hyundai-motor-group", "Hyundai Motor Group", [Role.PARTNER]),
     ("nipa", "National AI Computing Center programme office", [Role.PROGRAM_OFFICE]),
     ("nvidia-partner-kr", "NVIDIA Partner Network Korea", [Role.VENDOR]),
     ("supermicro-apac", "Supermicro APAC", [Role.VENDOR]),

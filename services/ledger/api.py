@@ -21,12 +21,22 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.concurrency import run_in_threadpool
 
 from services.ledger.auth import CurrentPrincipal, Principal, require
-from services.ledger.batches import STAGES, AnomalyView, BatchView, Stage, batch_parties, list_batches, summarize
+from services.ledger.batches import (
+    STAGES,
+    AnomalyView,
+    BatchView,
+    Stage,
+    batch_parties,
+    batch_steps,
+    list_batches,
+    summarize,
+)
 from services.ledger.exports import epcis_document, ocds_package
 from services.ledger.log import LogEntry
-from services.ledger.projections import PledgeView, batch_money, program_summary
+from services.ledger.projections import PledgeView, batch_count, batch_money, program_summary
 
 # --------------------------------------------------------------------------- parameters and refusals
 
@@ -188,24 +198,9 @@ async def get_batches(
         program_id=program_id,
         limit=limit,
         offset=offset,
+        count=lambda program, stage: batch_count(session, program, stage),
     )
     return {"total": total, "limit": limit, "offset": offset, "items": [summarize(r) for r in rows]}
-
-
-def _step(entry: LogEntry) -> dict[str, Any]:
-    doc = json.loads(entry.entry)
-    return {
-        "leaf_index": entry.leaf_index,
-        "decided_at": doc["decided_at"],
-        "service": doc["service"],
-        "event_type": doc["event_type"],
-        "status": doc["status"],
-        "reason_code": doc.get("reason_code"),
-        "message": doc["message"],
-        "party_id": doc.get("party_id"),
-        "event_id": (doc.get("event") or {}).get("id"),
-        "anomalies": doc.get("anomalies", []),
-    }
 
 
 @router.get(
@@ -216,10 +211,8 @@ def _step(entry: LogEntry) -> dict[str, Any]:
 async def get_batch(batch_id: BatchId, session: Session, principal: CurrentPrincipal) -> dict[str, Any]:
     view = await _readable_batch(session, batch_id, principal)
     state = json.loads(view.state)
-    entries = (
-        await session.execute(select(LogEntry).where(LogEntry.batch_id == batch_id).order_by(LogEntry.leaf_index))
-    ).scalars()
-    timeline = [_step(e) for e in entries]
+    # From the timeline's own small rows: the entries of a batch hold every serial it shipped.
+    timeline = await batch_steps(session, batch_id)
     if principal.role == "partner":
         # A partner sees the services' own decisions and its own events, not a competitor's.
         timeline = [s for s in timeline if s["party_id"] in (None, principal.party_id)]
@@ -232,11 +225,22 @@ async def get_batch(batch_id: BatchId, session: Session, principal: CurrentPrinc
     }
 
 
-async def _batch_entries(session: AsyncSession, batch_id: str) -> list[dict[str, Any]]:
+async def _export(session: AsyncSession, batch_id: str, build: Callable[[list[dict[str, Any]]], Any]) -> Response:
+    """An export of a batch's entries (megabytes for a batch of thousands of serials): parsed,
+    built and encoded in a worker thread, so the event loop keeps answering other requests."""
     rows = (
-        await session.execute(select(LogEntry).where(LogEntry.batch_id == batch_id).order_by(LogEntry.leaf_index))
-    ).scalars()
-    return [{**json.loads(r.entry), "leaf_index": r.leaf_index} for r in rows]
+        await session.execute(
+            select(LogEntry.leaf_index, LogEntry.entry)
+            .where(LogEntry.batch_id == batch_id)
+            .order_by(col(LogEntry.leaf_index))
+        )
+    ).all()
+
+    def encode() -> bytes:
+        entries = [{**json.loads(entry), "leaf_index": index} for index, entry in rows]
+        return json.dumps(build(entries), ensure_ascii=False, separators=(",", ":")).encode()
+
+    return Response(await run_in_threadpool(encode), media_type="application/json")
 
 
 @router.get(
@@ -244,7 +248,7 @@ async def _batch_entries(session: AsyncSession, batch_id: str) -> list[dict[str,
 )
 async def get_batch_ocds(batch_id: BatchId, session: Session, principal: AuditorOrOps) -> dict[str, Any]:
     await _readable_batch(session, batch_id, principal)
-    return ocds_package(batch_id, await _batch_entries(session, batch_id), publisher="gputrace ledger")
+    return await _export(session, batch_id, lambda e: ocds_package(batch_id, e, publisher="gputrace ledger"))  # type: ignore[return-value]
 
 
 @router.get(
@@ -252,7 +256,18 @@ async def get_batch_ocds(batch_id: BatchId, session: Session, principal: Auditor
 )
 async def get_batch_epcis(batch_id: BatchId, session: Session, principal: CurrentPrincipal) -> dict[str, Any]:
     await _readable_batch(session, batch_id, principal)
-    return epcis_document(batch_id, await _batch_entries(session, batch_id))
+    return await _export(session, batch_id, lambda e: epcis_document(batch_id, e))  # type: ignore[return-value]
+
+
+def anomalies_query(batch_id: str | None = None, code: str | None = None, party_id: str | None = None) -> Any:
+    query = select(AnomalyView).order_by(col(AnomalyView.leaf_index))
+    if batch_id:
+        query = query.where(AnomalyView.batch_id == batch_id)
+    if code:
+        query = query.where(AnomalyView.code == code)
+    if party_id:
+        query = query.where(AnomalyView.party_id == party_id)
+    return query
 
 
 @router.get("/anomalies", summary="Anomalies auditors must see (funding shortfalls, export violations, ...)")
@@ -264,13 +279,8 @@ async def get_anomalies(
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     offset: Offset = 0,
 ) -> dict[str, Any]:
-    query = select(AnomalyView).order_by(col(AnomalyView.leaf_index))
-    if batch_id:
-        query = query.where(AnomalyView.batch_id == batch_id)
-    if code:
-        query = query.where(AnomalyView.code == code)
-    if principal.role == "partner":
-        query = query.where(AnomalyView.party_id == principal.party_id)
+    party = principal.party_id if principal.role == "partner" else None
+    query = anomalies_query(batch_id, code, party)
     rows = (await session.execute(query.limit(limit).offset(offset))).scalars().all()
     return {
         "items": [

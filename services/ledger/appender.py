@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.ledger.log import LogWriter
-from services.ledger.projections import project
+from services.ledger.projections import Statistics, flush, project
 from shared.contract import fit
 from shared.contract.cloudevents import CloudEvent
 from shared.contract.decisions import Decision
@@ -31,6 +31,7 @@ class Appender:
     def __init__(self, origin: str, signing_key: Ed25519PrivateKey) -> None:
         self.origin = origin
         self._key = signing_key
+        self.statistics = Statistics()
 
     async def on_decision(self, session: AsyncSession, event: CloudEvent, decision: Decision, _: Emitter) -> None:
         writer = session.info.get(_WRITER)
@@ -62,10 +63,13 @@ class Appender:
         )
 
     async def after_batch(self, session: AsyncSession) -> None:
+        # The projections' per-batch writes (running totals, timeline steps): one statement each.
+        await flush(session)
         writer: LogWriter | None = session.info.pop(_WRITER, None)
         if writer is not None:
             await writer.finish(self.origin, self.origin, self._key)
             LEDGER_SIZE.set(writer.size)
+            await self.statistics.refresh(session, writer.size)
 
 
 def signed_entry(event: CloudEvent) -> dict[str, Any]:

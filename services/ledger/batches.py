@@ -8,10 +8,12 @@ with a later ledger index.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal, get_args
 
-from sqlalchemy import Column, Text, func, select
+from sqlalchemy import Column, Index, Select, Text, func, select
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -39,6 +41,11 @@ STAGES: tuple[Stage, ...] = get_args(Stage)
 
 class BatchView(SQLModel, table=True):
     __tablename__ = "view_batches"
+    # A filtered page is read in batch_id order straight from an index, never sorted from a scan.
+    __table_args__ = (
+        Index("ix_view_batches_status_batch", "status", "batch_id"),
+        Index("ix_view_batches_program_batch", "program_id", "batch_id"),
+    )
 
     batch_id: str = Field(primary_key=True, max_length=200)
     program_id: str | None = Field(default=None, index=True, max_length=200)
@@ -54,6 +61,8 @@ class BatchParty(SQLModel, table=True):
     """Which parties a batch concerns (for the partner role: it reads only its own batches)."""
 
     __tablename__ = "view_batch_parties"
+    # The partner filter reads by party (the primary key starts with the batch).
+    __table_args__ = (Index("ix_view_batch_parties_party", "party_id", "batch_id"),)
 
     batch_id: str = Field(primary_key=True, max_length=200)
     party_id: str = Field(primary_key=True, max_length=200)
@@ -75,11 +84,52 @@ class AnomalyView(SQLModel, table=True):
     details: str = Field(default="{}", sa_column=Column(Text, nullable=False))
 
 
-BATCH_TABLES = [BatchView.__table__, BatchParty.__table__, AnomalyView.__table__]
+class BatchStep(SQLModel, table=True):
+    """One line of a batch's timeline per decision on it: the few fields the API shows, so a batch
+    view never parses its ledger entries (a dispatch of 1,000 serials is ~40 kB of JSON)."""
+
+    __tablename__ = "view_batch_steps"
+    __table_args__ = (Index("ix_view_batch_steps_batch", "batch_id", "leaf_index"),)
+
+    leaf_index: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    batch_id: str = Field(max_length=200)
+    step: str = Field(sa_column=Column(Text, nullable=False))
 
 
-async def project_batch(session: AsyncSession, decision: Decision, leaf_index: int) -> None:
+BATCH_TABLES = [BatchView.__table__, BatchParty.__table__, AnomalyView.__table__, BatchStep.__table__]
+
+# A running total's key: (scope, program_id, party_id, metric, unit); "" where it does not apply.
+TotalKey = tuple[str, str, str, str, str]
+Deltas = list[tuple[TotalKey, Decimal | int]]
+DELIVERY_COUNTS = ("awarded", "dispatched", "received", "damaged", "installed", "accepted", "failed")
+
+
+def step_of(decision: Decision, leaf_index: int) -> dict[str, Any]:
+    """The timeline line of a decision (what GET /v1/batches/{id} shows of it)."""
+    shown = {"decided_at", "service", "event_type", "status", "reason_code", "message", "party_id", "anomalies"}
+    # As the entry's JSON has them (dates as pydantic writes them), without dumping the whole entry.
+    return {
+        "leaf_index": leaf_index,
+        **decision.model_dump(mode="json", include=shown),
+        "event_id": (decision.event or {}).get("id"),
+    }
+
+
+def delivery_counts(state: dict[str, Any]) -> dict[str, int]:
+    """The GPU counts a batch contributes to the programme's running totals."""
+    delivery = state.get("delivery") or {}
+    counts = {k: int(delivery.get(k) or 0) for k in DELIVERY_COUNTS if k != "awarded"}
+    counts["awarded"] = int((state.get("award") or {}).get("quantity") or 0)
+    return counts
+
+
+async def project_batch(session: AsyncSession, decision: Decision, leaf_index: int) -> Deltas:
+    """Folds the decision into its batch's view; returns the running totals it changes."""
+    deltas: Deltas = []
+    view = await aggregates.get(session, BatchView, decision.batch_id) if decision.batch_id else None
     for a in decision.anomalies:
+        program = view.program_id if view is not None and view.program_id else ""
+        deltas.append((("anomalies", program, "", a["code"][:60], ""), 1))
         session.add(
             AnomalyView(
                 leaf_index=leaf_index,
@@ -95,8 +145,7 @@ async def project_batch(session: AsyncSession, decision: Decision, leaf_index: i
             )
         )
     if not decision.batch_id or decision.service == "pledges":
-        return  # pledges earmarked for a batch are joined in at read time, from the pledge view
-    view = await aggregates.get(session, BatchView, decision.batch_id)
+        return deltas  # pledges earmarked for a batch are joined in at read time, from the pledge view
     if decision.status != "accepted":
         # A rejection is in the log (a fact) and its anomalies above are listed for auditors, but
         # it creates no batch and links no party: its batch id and party are only what a
@@ -104,10 +153,14 @@ async def project_batch(session: AsyncSession, decision: Decision, leaf_index: i
         if view is not None and decision.anomalies:
             view.anomalies += len(decision.anomalies)
             session.add(view)
-        return
+        return deltas
+    before: tuple[str, str] | None = None
     if view is None:
         view = BatchView(batch_id=decision.batch_id)
+    else:
+        before = (view.program_id or "", view.status)
     state = json.loads(view.state)
+    old_counts = delivery_counts(state)
     _fold(state, decision, leaf_index)
     view.anomalies += len(decision.anomalies)
     view.last_leaf_index = leaf_index
@@ -119,10 +172,24 @@ async def project_batch(session: AsyncSession, decision: Decision, leaf_index: i
     view.status = status_of(state)
     view.state = json.dumps(state)
     session.add(view)
+    after = (view.program_id or "", view.status)
+    if before != after:
+        if before is not None:
+            deltas.append((("batches", before[0], "", before[1], ""), -1))
+        deltas.append((("batches", after[0], "", after[1], ""), 1))
+    new_counts = delivery_counts(state)
+    for k in DELIVERY_COUNTS:
+        if before is not None and before[0] != after[0]:
+            # The batch learnt its programme: its GPUs move with it.
+            deltas.append((("gpus", before[0], "", k, ""), -old_counts[k]))
+            deltas.append((("gpus", after[0], "", k, ""), new_counts[k]))
+        elif new_counts[k] != old_counts[k]:
+            deltas.append((("gpus", after[0], "", k, ""), new_counts[k] - old_counts[k]))
     # Accepted implies the event's signature verified, so decision.party_id is authenticated here.
     for party in filter(None, {decision.party_id, award.get("vendor_id")}):
         if await aggregates.get(session, BatchParty, (decision.batch_id, party)) is None:
             session.add(BatchParty(batch_id=decision.batch_id, party_id=party))
+    return deltas
 
 
 def _fold(state: dict[str, Any], d: Decision, leaf_index: int) -> None:
@@ -200,17 +267,15 @@ def summarize(view: BatchView) -> dict[str, Any]:
     }
 
 
-async def list_batches(
-    session: AsyncSession,
+def batches_query(
     *,
     status: str | None = None,
     partner: str | None = None,
     vendor: str | None = None,
     model: str | None = None,
     program_id: str | None = None,
-    limit: int = 50,
-    offset: int = 0,
-) -> tuple[int, list[BatchView]]:
+) -> Select[Any]:
+    """The batches matching the filters, in batch_id order (the API's and the plan test's query)."""
     query = select(BatchView)
     if status:
         query = query.where(BatchView.status == status)
@@ -224,11 +289,45 @@ async def list_batches(
         query = query.where(
             col(BatchView.batch_id).in_(select(BatchParty.batch_id).where(BatchParty.party_id == partner))
         )
-    total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
-    rows = (await session.execute(query.order_by(BatchView.batch_id).limit(limit).offset(offset))).scalars().all()
+    return query.order_by(BatchView.batch_id)
+
+
+async def list_batches(
+    session: AsyncSession,
+    *,
+    status: str | None = None,
+    partner: str | None = None,
+    vendor: str | None = None,
+    model: str | None = None,
+    program_id: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    count: Callable[[str | None, str | None], Awaitable[int]] | None = None,
+) -> tuple[int, list[BatchView]]:
+    """A page of batches and how many match. `count(program_id, status)` answers the total from the
+    running totals when only those two filters are given; otherwise the matches are counted."""
+    query = batches_query(status=status, partner=partner, vendor=vendor, model=model, program_id=program_id)
+    if count is not None and not (partner or vendor or model):
+        total = await count(program_id, status)
+    else:
+        total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
+    rows = (await session.execute(query.limit(limit).offset(offset))).scalars().all()
     return total, list(rows)
 
 
+def steps_query(batch_id: str) -> Select[Any]:
+    return select(BatchStep.step).where(BatchStep.batch_id == batch_id).order_by(col(BatchStep.leaf_index))
+
+
+async def batch_steps(session: AsyncSession, batch_id: str) -> list[dict[str, Any]]:
+    """The batch's timeline, in ledger order, from the small step rows (not the entries)."""
+    return [json.loads(step) for (step,) in await session.execute(steps_query(batch_id))]
+
+
+def parties_query(batch_id: str) -> Select[Any]:
+    return select(BatchParty.party_id).where(BatchParty.batch_id == batch_id)
+
+
 async def batch_parties(session: AsyncSession, batch_id: str) -> set[str]:
-    rows = await session.execute(select(BatchParty.party_id).where(BatchParty.batch_id == batch_id))
+    rows = await session.execute(parties_query(batch_id))
     return {r for (r,) in rows}

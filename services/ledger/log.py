@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import Checkpoint, sign_checkpoint
-from sqlalchemy import Column, LargeBinary, Text, insert, select, text, tuple_
+from sqlalchemy import Column, Index, LargeBinary, Text, insert, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -38,12 +38,15 @@ class LogHead(SQLModel, table=True):
 
 class LogEntry(SQLModel, table=True):
     __tablename__ = "log_entries"
+    # Lookup by leaf hash below a tree size, first index first: one index range, whatever the
+    # planner's statistics say (with the hash alone it may walk the primary key instead).
+    __table_args__ = (Index("ix_log_entries_leaf_hash_index", "leaf_hash", "leaf_index"),)
 
     leaf_index: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     decision_id: str = Field(unique=True, max_length=64)
     # The canonical JSON (RFC 8785) that the leaf hash covers, stored byte for byte.
     entry: str = Field(sa_column=Column(Text, nullable=False))
-    leaf_hash: bytes = Field(sa_column=Column(LargeBinary, nullable=False, index=True))
+    leaf_hash: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     # Index columns derived from the entry, for queries; not part of the hash.
     service: str = Field(max_length=40)
     event_type: str = Field(max_length=100)

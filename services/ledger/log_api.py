@@ -138,15 +138,26 @@ def _decode_hash(value: str) -> bytes:
     return raw
 
 
+def leaf_lookup_query(leaf_hash: bytes, tree_size: int) -> Any:
+    """The first leaf with this hash below tree_size (ix_log_entries_leaf_hash_index answers it)."""
+    return (
+        select(LogEntry.leaf_index)
+        .where(LogEntry.leaf_hash == leaf_hash, col(LogEntry.leaf_index) < tree_size)
+        .order_by(col(LogEntry.leaf_index))
+        .limit(1)
+    )
+
+
+def entries_query(start: int, end: int) -> Any:
+    return (
+        select(LogEntry.leaf_index, LogEntry.entry, LogEntry.leaf_hash)
+        .where(col(LogEntry.leaf_index) >= start, col(LogEntry.leaf_index) < end)
+        .order_by(col(LogEntry.leaf_index))
+    )
+
+
 async def _leaf_index_of(session: AsyncSession, leaf_hash: bytes, tree_size: int) -> int:
-    index = (
-        await session.exec(
-            select(LogEntry.leaf_index)
-            .where(LogEntry.leaf_hash == leaf_hash, col(LogEntry.leaf_index) < tree_size)
-            .order_by(col(LogEntry.leaf_index))
-            .limit(1)
-        )
-    ).first()
+    index = (await session.exec(leaf_lookup_query(leaf_hash, tree_size))).first()
     if index is None:
         raise HTTPException(404, f"no leaf with that hash in the tree of size {tree_size}")
     return index
@@ -231,13 +242,7 @@ async def get_entries(
         raise _bad(f"at most {MAX_ENTRIES} entries per call (asked for {end - start})")
     if end > size:
         raise _beyond("end", end, size)
-    rows = (
-        await session.exec(
-            select(LogEntry.leaf_index, LogEntry.entry, LogEntry.leaf_hash)
-            .where(col(LogEntry.leaf_index) >= start, col(LogEntry.leaf_index) < end)
-            .order_by(col(LogEntry.leaf_index))
-        )
-    ).all()
+    rows = (await session.exec(entries_query(start, end))).all()
     if len(rows) != end - start:
         # Below the head every index exists; a gap is storage damage and must not look like success.
         raise HTTPException(500, f"log entries missing in [{start}, {end}): found {len(rows)}")

@@ -16,9 +16,10 @@ from services.ledger.auth import TokenFileError, Tokens, load_tokens
 from services.ledger.dashboard import router as dashboard_router
 from services.ledger.log import LOG_TABLES, install_append_only_guards
 from services.ledger.log_api import log_router
-from services.ledger.projections import PROJECTION_TABLES, prefetch
+from services.ledger.projections import PROJECTION_TABLES, prefetch, upgrade
 from shared.contract import DECIDING_SERVICES, decisions_topic
 from shared.contract.parties import PartyRegistry, load_private_key
+from shared.runtime.db import make_engine, session_factory
 from shared.runtime.service import Service, ServiceConfigError
 from shared.runtime.settings import Settings
 
@@ -70,19 +71,25 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
     settings = settings or Settings()
     tokens = _tokens(settings)  # first: a bad tokens file stops start-up before anything else
     service = build_service(settings)
+    # The API reads through its own pool: auditors' load and the consumer's writes never wait
+    # for each other's connections.
+    api_engine = make_engine(service.engine.url.render_as_string(hide_password=False), settings.api_db_pool_size, True)
 
     async def guard_log() -> None:
         async with service.engine.begin() as conn:
             await install_append_only_guards(conn)
+        await upgrade(service.engine)
 
     app = service.http_app(
         title="gputrace ledger",
         description="The tamper-evident record of the national GPU programme, for auditors.",
         on_startup=[guard_log],
+        on_shutdown=[api_engine.dispose],
         consume=consume,
     )
     app.version = "1.0.0"
     app.state.tokens = tokens
+    app.state.sessions = session_factory(api_engine)
     app.include_router(router)
     app.include_router(log_router)
     app.include_router(dashboard_router)

@@ -81,7 +81,9 @@ MECHANISM_TABLES: list[Table] = [  # type: ignore[list-item]
 ]
 
 
-def make_engine(url: str) -> AsyncEngine:
+def make_engine(url: str, pool_size: int = 5, reader: bool = False) -> AsyncEngine:
+    """`reader`: an engine that only reads (the ledger's API): on SQLite its transactions do not
+    take the write lock up front."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
 
@@ -99,10 +101,10 @@ def make_engine(url: str) -> AsyncEngine:
         def _begin_immediate(conn) -> None:  # type: ignore[no-untyped-def]
             # Take the write lock up front: a deferred transaction that reads then writes fails
             # at once with "database is locked" if another writer committed in between.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if reader else "BEGIN IMMEDIATE")
 
         return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

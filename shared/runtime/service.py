@@ -224,6 +224,7 @@ class Service:
         title: str | None = None,
         description: str = "",
         on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
+        on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
         consume: bool = True,
     ) -> FastAPI:
         """The service's process: an ASGI app whose lifespan runs the Kafka subscriber and the outbox
@@ -244,6 +245,8 @@ class Service:
                 if consume:
                     await service.broker.stop()
                 await service.stop_dependencies()
+                for hook in on_shutdown:
+                    await hook()
 
         app = FastAPI(title=title or f"gputrace {self.name}", description=description, lifespan=lifespan)
         app.state.service = self

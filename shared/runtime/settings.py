@@ -58,7 +58,14 @@ class Settings(BaseSettings):
     api_tokens: Path = Field(
         DEFAULT_VAR_DIR / "keys" / "tokens.json", description="Bearer tokens of the ledger API and their roles."
     )
-    program_target_gpus: int = Field(10_000, description="The programme's GPU target.")
+    program_target_gpus: int = Field(
+        260_000, description="The programme's GPU target (2025-10-31: about 260,000 Blackwell GPUs)."
+    )
+    api_db_pool_size: int = Field(
+        20,
+        description="Ledger: connections of the API's own read pool (apart from the consumer's), so API load "
+        "neither starves nor is starved by ingestion; as many again may open under bursts.",
+    )
 
     # Export controls.
     export_ruleset: str | None = Field(

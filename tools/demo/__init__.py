@@ -1,16 +1,18 @@
-"""`gputrace demo`: simulated partner systems publish the 2025 programme against a running gputrace.
+"""`gputrace demo`: simulated partner systems publish the programme against a running gputrace.
 
-The programme (docs/architecture.md §1), at `--scale` of its real quantities:
+The programme announced on 2025-10-31: about 260,000 NVIDIA Blackwell GPUs for Korea, at `--scale`
+of its real quantities (tools/demo/programme.py):
 
-- the 2025 GPU project allocations, each pledged in kind and bought as one batch: NHN Cloud
-  7,656 B200, Kakao 2,424 B200, Naver Cloud 3,056 H200-SXM;
-- two government-use batches for public research, funded by KDB and IBK (about 60 bn KRW each,
-  their 15 % share of the SPC's 400 bn KRW equity); the IBK batch ships from Taiwan via Hong
-  Kong, so it needs an export licence, which the licensing liaison then grants;
-- capital pledges in KRW earmarked for every batch (Kakao raises its pledge, KDB disburses a
-  third of its own), three vendor quotes per batch with the cheapest winning, awards after the
-  2025-05-13 rescission, shipments of at most 1,000 serials, customs, receipt (one shipment
-  arrives with damaged units, never installed), installation and acceptance (one unit fails);
+- the government's 50,000 (National AI Computing Center and sovereign AI clouds), 50,000 each for
+  Samsung Electronics, SK Group and Hyundai Motor Group, 60,000 for NAVER Cloud; each share in
+  tranches of at most 10,000 GPUs, one batch each (26 batches at full scale);
+- every tranche pledged in kind (towards the 260,000 target) with its capital earmarked in KRW
+  (SK raises one pledge, the government disburses a third of another), three vendor quotes per
+  batch with the cheapest winning; one tranche ships from Taiwan via Hong Kong, so it needs an
+  export licence, which the licensing liaison then grants;
+- with `--serials` (the default) every serial dispatched in shipments of at most 1,000, cleared
+  by customs, received (one shipment with damaged units, never installed), installed and accepted
+  (one unit fails);
 - a forged award (claiming the programme office, signed with a vendor's key), which must come
   back rejected.
 

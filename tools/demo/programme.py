@@ -64,101 +64,135 @@ def _offers(*rows: tuple[str, int, str, tuple[str, ...], int]) -> tuple[Offer, .
     return tuple(Offer(*row) for row in rows)
 
 
-ALLOCATIONS: tuple[Allocation, ...] = (
-    Allocation(
-        "NHN",
-        "2025 GPU project: NHN Cloud allocation",
-        "B200",
-        7656,
-        "nhn-cloud",
-        550_000_000_000,
-        "NHN Cloud Corp.",
-        _offers(
-            ("supermicro-apac", 68_400_000, "US", ("JP",), 75),
-            ("nvidia-partner-kr", 69_100_000, "US", (), 60),
-            ("dell-korea", 70_250_000, "US", ("JP",), 70),
-        ),
-        True,
-        "2025-06-16T10:00:00+09:00",
-        "Korean Air Cargo",
-    ),
-    Allocation(
-        "KAKAO",
-        "2025 GPU project: Kakao allocation",
-        "B200",
-        2424,
-        "kakao",
-        170_000_000_000,
-        "Kakao Corp.",
-        _offers(
-            ("dell-korea", 68_900_000, "US", (), 65),
-            ("nvidia-partner-kr", 69_300_000, "US", (), 60),
-            ("supermicro-apac", 69_800_000, "US", ("JP",), 80),
-        ),
-        True,
-        "2025-06-18T10:00:00+09:00",
-        "Asiana Cargo",
-    ),
-    Allocation(
-        "NAVER",
-        "2025 GPU project: Naver Cloud allocation",
-        "H200-SXM",
-        3056,
-        "naver-cloud",
-        150_000_000_000,
-        "Naver Cloud Corp.",
-        _offers(
-            ("nvidia-partner-kr", 47_800_000, "US", (), 45),
-            ("dell-korea", 48_600_000, "US", ("JP",), 50),
-            ("supermicro-apac", 49_100_000, "TW", (), 40),
-        ),
-        True,
-        "2025-06-20T10:00:00+09:00",
-        "Korean Air Cargo",
-    ),
-    Allocation(
-        "GOV1",
-        "Government use: public research (KDB share of the SPC)",
-        "H200-SXM",
-        1152,
-        "kdb",
-        60_000_000_000,
-        "Korea Institute of Science and Technology Information",
-        _offers(
-            ("dell-korea", 48_200_000, "US", (), 50),
-            ("nvidia-partner-kr", 48_900_000, "US", (), 45),
-            ("supermicro-apac", 49_400_000, "TW", (), 40),
-        ),
-        False,
-        "2025-07-01T10:00:00+09:00",
-        "Korean Air Cargo",
-    ),
-    Allocation(
-        "GOV2",
-        "Government use: public research (IBK share of the SPC), shipped via Hong Kong",
-        "B200",
-        800,
-        "ibk",
-        60_000_000_000,
-        "National AI Computing Center",
-        _offers(
-            ("supermicro-apac", 69_500_000, "TW", ("HK",), 35),
-            ("nvidia-partner-kr", 70_400_000, "US", (), 60),
-            ("dell-korea", 71_000_000, "US", ("JP",), 70),
-        ),
-        False,
-        "2025-07-03T10:00:00+09:00",
-        "Cathay Cargo",
-    ),
+# The programme announced on 2025-10-31 (APEC, Gyeongju): about 260,000 NVIDIA Blackwell GPUs for
+# Korea. Each partner's share arrives in tranches of at most 10,000 GPUs, one batch each; every
+# tranche is pledged in kind (counting towards the target) and its capital earmarked in KRW.
+TRANCHE = 10_000
+CAPITAL_PER_GPU_KRW = 72_000_000  # earmarked per GPU: above every offer, so awards are funded
+
+_VENDORS_US = _offers(
+    ("nvidia-partner-kr", 66_900_000, "US", (), 60),
+    ("dell-korea", 67_800_000, "US", ("JP",), 70),
+    ("supermicro-apac", 68_500_000, "US", ("JP",), 75),
+)
+_VENDORS_TW = _offers(
+    ("supermicro-apac", 65_400_000, "TW", (), 45),
+    ("nvidia-partner-kr", 66_700_000, "US", (), 60),
+    ("dell-korea", 68_100_000, "US", ("JP",), 70),
+)
+_VIA_HONG_KONG = _offers(
+    ("supermicro-apac", 64_900_000, "TW", ("HK",), 35),
+    ("nvidia-partner-kr", 66_700_000, "US", (), 60),
+    ("dell-korea", 68_100_000, "US", ("JP",), 70),
 )
 
-AMENDED = "KAKAO"  # raises its capital pledge
-AMENDED_CAPITAL_KRW = 180_000_000_000
-DISBURSED = "GOV1"  # KDB disburses a third of its pledge
-LICENSED = "GOV2"  # the route via Hong Kong needs a licence
-DAMAGED = "NHN"  # one shipment arrives with damaged units
-FAILED = "NAVER"  # one unit fails acceptance
-FORGED = "NHN"  # a vendor forges the programme office's award
+
+@dataclass(frozen=True)
+class Share:
+    """One partner's share of the programme, as announced."""
+
+    code: str
+    purpose: str
+    model: str
+    units: int
+    funder: str
+    end_user: str
+    carrier: str
+    awarded: str  # the first tranche's award; later tranches a fortnight apart
+
+
+SHARES: tuple[Share, ...] = (
+    Share(
+        "GOV",
+        "Government: National AI Computing Center and sovereign AI clouds",
+        "B200",
+        50_000,
+        "msit",
+        "National AI Computing Center",
+        "Korean Air Cargo",
+        "2025-11-17T10:00:00+09:00",
+    ),
+    Share(
+        "SAMSUNG",
+        "Samsung Electronics: AI megafactory",
+        "GB200",
+        50_000,
+        "samsung-electronics",
+        "Samsung Electronics Co., Ltd.",
+        "Korean Air Cargo",
+        "2025-11-20T10:00:00+09:00",
+    ),
+    Share(
+        "SK",
+        "SK Group: AI factory and GPU cloud",
+        "GB200",
+        50_000,
+        "sk-group",
+        "SK Telecom Co., Ltd.",
+        "Asiana Cargo",
+        "2025-11-24T10:00:00+09:00",
+    ),
+    Share(
+        "HYUNDAI",
+        "Hyundai Motor Group: physical AI and autonomous driving",
+        "B200",
+        50_000,
+        "hyundai-motor-group",
+        "Hyundai Motor Company",
+        "Korean Air Cargo",
+        "2025-11-27T10:00:00+09:00",
+    ),
+    Share(
+        "NAVER",
+        "NAVER Cloud: sovereign AI and physical AI",
+        "GB200",
+        60_000,
+        "naver-cloud",
+        "NAVER Cloud Corp.",
+        "Asiana Cargo",
+        "2025-12-01T10:00:00+09:00",
+    ),
+)
+TARGET_GPUS = sum(share.units for share in SHARES)  # 260,000
+
+AMENDED = "SK-1"  # SK raises its capital pledge for its first tranche
+AMENDED_CAPITAL_KRW = 760_000_000_000
+DISBURSED = "GOV-1"  # the government disburses a third of its first tranche
+LICENSED = "HYUNDAI-3"  # shipped from Taiwan via Hong Kong: needs a licence
+DAMAGED = "SAMSUNG-2"  # one shipment arrives with damaged units
+FAILED = "NAVER-4"  # one unit fails acceptance
+FORGED = "SAMSUNG-1"  # a vendor forges the programme office's award
+
+
+def _when(when: str, days: int) -> str:
+    return (datetime.fromisoformat(when) + timedelta(days=days)).isoformat()
+
+
+def _tranches(share: Share) -> list[Allocation]:
+    out = []
+    for n, start in enumerate(range(0, share.units, TRANCHE)):
+        code = f"{share.code}-{n + 1}"
+        units = min(TRANCHE, share.units - start)
+        offers = _VIA_HONG_KONG if code == LICENSED else _VENDORS_TW if n % 2 else _VENDORS_US
+        out.append(
+            Allocation(
+                code,
+                f"{share.purpose}, tranche {n + 1}",
+                share.model,
+                units,
+                share.funder,
+                units * CAPITAL_PER_GPU_KRW,
+                share.end_user,
+                offers,
+                True,
+                _when(share.awarded, 14 * n),
+                share.carrier,
+            )
+        )
+    return out
+
+
+ALLOCATIONS: tuple[Allocation, ...] = tuple(a for share in SHARES for a in _tranches(share))
 
 
 # --- the programme at the chosen scale ------------------------------------------------------
@@ -314,8 +348,8 @@ def pledge_sends(p: Programme) -> tuple[Send, ...]:
         base = {
             "partner_id": b.alloc.funder,
             "program_id": p.program_id,
-            "committed_at": "2025-03-14T09:00:00+09:00",
-            "due_by": "2025-12-31",
+            "committed_at": "2025-11-03T09:00:00+09:00",
+            "due_by": "2026-12-31",
         }
         sends.append(
             Send(
@@ -366,7 +400,7 @@ def pledge_change_sends(p: Programme) -> tuple[Send, ...]:
                 "pledge_id": paying.pledge_id("CAP"),
                 "partner_id": paying.alloc.funder,
                 "amount": _krw(p.disbursed()),
-                "reference": f"{paying.alloc.funder.upper()}-WIRE-2025-0701-{p.run_id}",
+                "reference": f"{paying.alloc.funder.upper()}-WIRE-2025-1201-{p.run_id}",
             },
         ),
     )
@@ -383,7 +417,7 @@ def request_sends(p: Programme) -> tuple[Send, ...]:
                 "model": b.alloc.model,
                 "quantity": b.units,
                 "site_id": SITE_ID,
-                "needed_by": "2025-12-31",
+                "needed_by": "2026-12-31",
             },
         )
         for b in p.batches
@@ -398,7 +432,7 @@ def quote_data(b: Batch, offer: Offer) -> dict[str, Any]:
         "model": b.alloc.model,
         "quantity": b.units,
         "unit_price": _krw(Decimal(offer.unit_price)),
-        "valid_until": "2025-09-30",
+        "valid_until": "2026-06-30",
         "lead_time_days": offer.lead_time_days,
         "origin_country": offer.origin,
         "route": list(offer.route),

@@ -21,7 +21,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from shared.contract import EVENTS, OUTCOMES_TOPIC, party_source
 from shared.contract.cloudevents import CloudEvent, now_rfc3339
@@ -207,13 +216,35 @@ def _detail(accepted: int, rejected: int, extra: str = "") -> str:
     return f"[green]{accepted} accepted[/green]  [yellow]{rejected} rejected[/yellow]{extra}"
 
 
+def serials_of(send: Send) -> int:
+    """How many GPU serials an event carries (0 for events that name none)."""
+    d = send.data
+    if send.short_type == "shipment.received.v1":
+        return len(d["received_serials"])
+    if send.short_type == "batch.installed.v1":
+        return len(d["placements"])
+    if send.short_type == "batch.accepted.v1":
+        return len(d["passed_serials"]) + len(d.get("failed_serials", []))
+    return len(d.get("serials", ()))
+
+
 class Runner:
-    def __init__(self, publisher: Publisher, watcher: OutcomeWatcher, progress: Progress, timeout: float) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        watcher: OutcomeWatcher,
+        progress: Progress,
+        timeout: float,
+        overall: TaskID | None = None,
+    ) -> None:
         self.publisher = publisher
         self.watcher = watcher
         self.progress = progress
         self.timeout = timeout
         self.results: list[PhaseResult] = []
+        # One bar over every event of the run, with the serials decided so far.
+        self.overall = overall
+        self.serials = 0
 
     async def phase(self, phase: Phase, attempts: int = 4) -> PhaseResult:
         result = PhaseResult(phase.name)
@@ -230,9 +261,19 @@ class Runner:
                 await asyncio.sleep(1.0)
                 await self.publisher.publish(s for s, _ in resend)
                 pending.update({s.event_id: (s, n) for s, n in resend})
+            serials = sum(serials_of(s) for s, _ in result.decided)
             self.progress.update(
-                task, completed=len(result.decided), detail=_detail(result.count("accepted"), result.count("rejected"))
+                task,
+                completed=len(result.decided),
+                detail=_detail(
+                    result.count("accepted"), result.count("rejected"), f"  {serials:,} serials" if serials else ""
+                ),
             )
+            if self.overall is not None:
+                done = sum(len(r.decided) for r in self.results)
+                self.progress.update(
+                    self.overall, completed=done, detail=f"{self.serials + serials:,} serial movements recorded"
+                )
             if pending and time.monotonic() > deadline:
                 raise DemoFailure(
                     f"{phase.name}: no outcome within {self.timeout:.0f} s for {len(pending)} event(s), "
@@ -241,6 +282,7 @@ class Runner:
             if pending:
                 await self.watcher.changed(deadline - time.monotonic())
         result.seconds = time.monotonic() - started
+        self.serials += sum(serials_of(s) for s, _ in result.decided)
         self._check(result)
         return result
 
@@ -338,6 +380,8 @@ class DemoConfig:
     seed: int | None = None
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     timeout: float = 300.0
+    # Every serial dispatched, cleared, received, installed and accepted; False: up to export clearance.
+    serials: bool = True
 
 
 @dataclass
@@ -369,6 +413,7 @@ def make_progress(console: Console) -> Progress:
         MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
     )
 
@@ -384,14 +429,33 @@ async def run_demo(cfg: DemoConfig, console: Console) -> DemoReport:
         await check_ledger(api)
         async with OutcomeWatcher(cfg.bootstrap) as watcher, Publisher(cfg.bootstrap, cfg.keys_dir) as publisher:
             with make_progress(console) as progress:
-                runner = Runner(publisher, watcher, progress, cfg.timeout)
-                forged, batches = await _programme(runner, api, p, rng, cfg.timeout)
+                events = len(all_sends(p, random.Random(0), cfg.serials))
+                overall = progress.add_task("[bold]whole programme", total=events, detail="")
+                runner = Runner(publisher, watcher, progress, cfg.timeout, overall)
+                forged, batches = await _programme(runner, api, p, rng, cfg.timeout, cfg.serials)
         program = (await api.get("/v1/program", params={"program_id": p.program_id})).raise_for_status().json()
     return DemoReport(p, runner.results, batches, program, forged, time.monotonic() - started)
 
 
+def all_sends(p: Programme, rng: random.Random, serials: bool = True) -> list[Send]:
+    """Every event of a run (resends aside), for the overall progress bar."""
+    sends = [
+        *pledge_sends(p),
+        *pledge_change_sends(p),
+        *request_sends(p),
+        *quote_sends(p),
+        *forged_sends(p),
+        *award_sends(p),
+        *licence_sends(p),
+    ]
+    if serials:
+        sends += [*dispatch_sends(p), *customs_sends(p, rng), *receipt_sends(p), *install_sends(p)]
+        sends += acceptance_sends(p)
+    return sends
+
+
 async def _programme(
-    runner: Runner, api: httpx.AsyncClient, p: Programme, rng: random.Random, within: float
+    runner: Runner, api: httpx.AsyncClient, p: Programme, rng: random.Random, within: float, serials: bool = True
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The programme in the order the real world would publish it; returns the forged event's outcome."""
     progress = runner.progress
@@ -405,7 +469,9 @@ async def _programme(
     exports = {b.batch_id: "license_required" if b.code == LICENSED else "cleared" for b in p.batches}
     await wait_for_ledger(api, p, exports, "export decisions", progress, within)
     await runner.phase(Phase("licence", licence_sends(p)))
-    await wait_for_ledger(api, p, dict.fromkeys(exports, "cleared"), "export clearance", progress, within)
+    cleared = await wait_for_ledger(api, p, dict.fromkeys(exports, "cleared"), "export clearance", progress, within)
+    if not serials:
+        return forged, cleared
     await runner.phase(Phase("dispatch", dispatch_sends(p)))
     await runner.phase(Phase("customs", customs_sends(p, rng)))
     await runner.phase(Phase("receipt", receipt_sends(p)))

@@ -86,6 +86,9 @@ def print_report(console: Console, report: DemoReport, cfg: DemoConfig) -> None:
         f"{prog.get('gpus_total', 0):,} against a target of {prog.get('target_gpus', 0):,}; capital pledged "
         f"{_money(prog.get('capital'))}, disbursed {_money(prog.get('disbursed'))}"
     )
+    flow = prog.get("pipeline_gpus") or {}
+    if flow:
+        console.print("GPUs through the pipeline: " + ", ".join(f"{k} {v:,}" for k, v in flow.items()))
     token = cfg.token or read_auditor_token(cfg.keys_dir)
     api = cfg.api_url.rstrip("/")
     console.print(f"[bold green]demo done[/bold green] in {report.seconds:.1f} s. Where to look:")
@@ -116,8 +119,17 @@ def demo(
         None
     ),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each phase's outcomes.")] = 300.0,
+    serials: Annotated[
+        bool,
+        typer.Option(
+            "--serials/--no-serials",
+            help="Every serial dispatched, cleared, received, installed and accepted (--no-serials: stop at "
+            "export clearance).",
+        ),
+    ] = True,
 ) -> None:
-    """Publish the 2025 programme, signed by simulated partner systems, against a running gputrace.
+    """Publish the 260,000-GPU programme of 2025-10-31, signed by simulated partner systems, against a
+    running gputrace (--scale 1.0: every GPU; 0.01: a hundredth of each tranche).
 
     Waits for every event's outcome and for the ledger to show each batch accepted.
 
@@ -125,7 +137,9 @@ def demo(
     """
     if run_id is not None and not RUN_ID.match(run_id):
         raise typer.BadParameter("letters and digits only, at most 16", param_hint="--run-id")
-    cfg = DemoConfig(bootstrap, keys, api, token, program_id, scale, seed, run_id or secrets.token_hex(3), timeout)
+    cfg = DemoConfig(
+        bootstrap, keys, api, token, program_id, scale, seed, run_id or secrets.token_hex(3), timeout, serials
+    )
     console = Console()
     if not console.is_terminal:
         console = Console(width=140)  # logs and CI: wide enough for the tables
