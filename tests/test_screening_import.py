@@ -148,3 +148,36 @@ def test_the_service_follows_a_new_import_without_a_restart(tmp_path: Path) -> N
         active.current()
     (tmp_path / "screening" / "ACTIVE").unlink()
     assert active.current() is shipped
+
+
+def _readme_rows() -> dict[str, tuple[str, str]]:
+    """The fixture README's table of checked records: record id → (start_date, FR notice)."""
+    import re
+
+    rows: dict[str, tuple[str, str]] = {}
+    for line in (CSL / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        ids = re.search(r"\(fixture-(\d+)(?:…(\d+)|, (\d+))?\)", cells[0]) if len(cells) == 4 else None
+        if ids is None:
+            continue
+        first = int(ids.group(1))
+        last = int(ids.group(2) or ids.group(3) or first)
+        numbers = range(first, last + 1) if ids.group(2) else {first, last}
+        start = re.search(r"\d{4}-\d{2}-\d{2}", cells[1])
+        notice = re.search(r"\d+ FR \d+", cells[2])
+        assert start and notice, line
+        rows.update({f"fixture-{n:03d}": (start.group(), notice.group()) for n in numbers})
+    return rows
+
+
+def test_every_fixture_record_is_checked_or_labelled_synthetic() -> None:
+    # The fixture holds only records whose date and notice the README cites a source for, and
+    # synthetic ones that say so in their name, id and remarks.
+    records = json.loads((CSL / "consolidated.json").read_text())["results"]
+    checked = _readme_rows()
+    for r in records:
+        if r["id"].startswith("synthetic-"):
+            assert r["name"].startswith("Example") and "SYNTHETIC" in r["remarks"], r["id"]
+        else:
+            assert checked.get(r["id"]) == (r["start_date"], r["federal_register_notice"]), r["id"]
+    assert len(checked) == len([r for r in records if not r["id"].startswith("synthetic-")]) == 25
