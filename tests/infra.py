@@ -15,10 +15,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = ROOT / "infra" / "kafka" / "kafka.sh"
@@ -106,16 +108,79 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+@functools.cache
+def kafka_credentials() -> Path:
+    """One credentials dir per process (a <principal>.password each: the admin, every service, every
+    development party), shared by every LocalKafka it starts, so this process has one admin identity."""
+    from shared.contract import SERVICES
+    from shared.runtime.kafka_auth import KAFKA_ADMIN
+    from tools.devkeys import DEV_PARTIES
+    from tools.kafka_access import write_credentials
+
+    directory = Path(tempfile.mkdtemp(prefix="gputrace-kafka-credentials-"))
+    write_credentials(directory, [KAFKA_ADMIN, *SERVICES, *(p for p, _, _ in DEV_PARTIES)])
+    return directory
+
+
+def speak_as_admin(credentials: Path) -> None:
+    """From now on this process (the test harness: watchers, probes, fault injectors, in-process
+    services) is the ops admin of the secured broker: Settings() reads the admin's identity from the
+    environment, and aiokafka clients made without a security_protocol get it too. A client that
+    names its own (the authorization tests) keeps it. Service processes started by a Stack with
+    `kafka_principals` speak as themselves."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from shared.runtime.kafka_auth import KAFKA_ADMIN, read_password
+
+    os.environ.update(
+        {
+            "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": KAFKA_ADMIN,
+            "KAFKA_SASL_PASSWORD": read_password(credentials, KAFKA_ADMIN),
+            "KAFKA_CREDENTIALS_DIR": str(credentials),
+        }
+    )
+    options = {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": KAFKA_ADMIN,
+        "sasl_plain_password": read_password(credentials, KAFKA_ADMIN),
+    }
+    for cls in (AIOKafkaProducer, AIOKafkaConsumer, AIOKafkaAdminClient):
+        original = cls.__init__
+        if getattr(original, "_gputrace_admin", False):
+            continue
+
+        def init(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:
+            _original(self, *args, **(kwargs if "security_protocol" in kwargs else {**options, **kwargs}))
+
+        init._gputrace_admin = True  # type: ignore[attr-defined]
+        cls.__init__ = init  # type: ignore[method-assign]
+
+
 @dataclass
 class LocalKafka:
-    """A single-node KRaft broker run by infra/kafka/kafka.sh; its directory keeps data and ports."""
+    """A single-node KRaft broker run by infra/kafka/kafka.sh; its directory keeps data and ports.
+
+    Secured like production (SASL/SCRAM, ACLs; infra/kafka/kafka.sh) unless `secure=False`; the
+    process that starts it becomes its admin (`speak_as_admin`)."""
 
     directory: Path
     bootstrap: str = ""
+    secure: bool = True
+
+    @property
+    def credentials(self) -> Path | None:
+        return kafka_credentials() if self.secure else None
 
     def start(self) -> LocalKafka:
         """Start (or restart after stop/kill) on the directory's port; returns when it answers."""
-        self.bootstrap = _script(KAFKA_SH, "start", "--dir", str(self.directory))
+        args = ["--credentials", str(self.credentials)] if self.credentials else []
+        self.bootstrap = _script(KAFKA_SH, "start", "--dir", str(self.directory), *args)
+        if self.credentials:
+            speak_as_admin(self.credentials)
         return self
 
     def stop(self) -> None:

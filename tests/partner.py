@@ -43,13 +43,17 @@ def now() -> str:
 class PartnerClient:
     """Publishes signed CloudEvents (binary mode) as any registered party."""
 
-    def __init__(self, bootstrap: str, keys_dir: Path) -> None:
+    def __init__(self, bootstrap: str, keys_dir: Path, *, client_options: dict[str, Any] | None = None) -> None:
         self.bootstrap = bootstrap
         self.keys_dir = keys_dir
+        # Kafka identity: a partner principal's, or (none given) the test harness's (tests.infra).
+        self.client_options = client_options or {}
         self._producer: AIOKafkaProducer | None = None
 
     async def __aenter__(self) -> PartnerClient:
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, **self.client_options
+        )
         await self._producer.start()
         return self
 
@@ -117,10 +121,17 @@ class TopicWatcher:
     Reads as the contract tells partners to: isolation.level=read_committed, so `records` holds
     every raw record a partner sees (copies included: tests count them, not distinct ids)."""
 
-    def __init__(self, bootstrap: str, *topics: str, isolation_level: str = "read_committed") -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        *topics: str,
+        isolation_level: str = "read_committed",
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
         self._consumer = AIOKafkaConsumer(
             *topics,
             bootstrap_servers=bootstrap,
+            **(client_options or {}),
             auto_offset_reset="earliest",
             group_id=None,
             enable_auto_commit=False,

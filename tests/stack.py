@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import uuid
 from pathlib import Path
 
@@ -12,10 +13,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.ledger.auth import write_dev_tokens
 from shared.contract import SERVICES
-from shared.contract.parties import write_private_key
+from shared.contract.parties import PartyRegistry, write_private_key
+from shared.runtime.kafka_auth import KAFKA_ADMIN
+from shared.runtime.settings import Settings
 from shared.runtime.topics import ensure_topics
 from tools.devkeys import DEV_PARTIES, generate_dev_registry
 from tools.devstack import Stack, free_port
+from tools.kafka_access import apply_acls, declared_acls
 
 
 def make_keys(directory: Path) -> dict[str, str]:
@@ -40,6 +44,18 @@ def create_databases(admin_url: str, run_id: str, names: tuple[str, ...]) -> dic
     return urls
 
 
+def secure_kafka_access(kafka: str, registry: Path, group_prefix: str) -> bool:
+    """On a broker this process administers (KAFKA_CREDENTIALS_DIR holds the admin's password, see
+    tests.infra.speak_as_admin), the ACLs of every service and partner, for this stack's consumer
+    groups; the services then run as their own principals. False: the environment's broker and identity."""
+    credentials = os.environ.get("KAFKA_CREDENTIALS_DIR")
+    if not credentials or not (Path(credentials) / f"{KAFKA_ADMIN}.password").exists():
+        return False
+    options = Settings().kafka_client_options(KAFKA_ADMIN)
+    asyncio.run(apply_acls(kafka, options, declared_acls(PartyRegistry.load(registry), group_prefix)))
+    return True
+
+
 def available_services() -> tuple[str, ...]:
     return tuple(s for s in SERVICES if importlib.util.find_spec(f"services.{s}.main") is not None)
 
@@ -50,6 +66,7 @@ def start_stack(kafka: str, admin_url: str, workdir: Path) -> tuple[Stack, dict[
     tokens = make_keys(keys)
     asyncio.run(ensure_topics(kafka))
     names = available_services()
+    secured = secure_kafka_access(kafka, keys / "registry.json", f"test-{run_id}")
     stack = Stack(
         base_env={
             "KAFKA_BOOTSTRAP_SERVERS": kafka,
@@ -63,6 +80,7 @@ def start_stack(kafka: str, admin_url: str, workdir: Path) -> tuple[Stack, dict[
         log_dir=workdir / "logs",
         database_urls=create_databases(admin_url, run_id, names),
         api_port=free_port(),
+        kafka_principals=secured,
     )
     stack.start(names)
     stack.wait_ready()

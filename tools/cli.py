@@ -18,6 +18,7 @@ from shared.runtime.settings import Settings
 app = typer.Typer(help="gputrace: trace the national GPU programme from pledge to acceptance.", no_args_is_help=True)
 keys_app = typer.Typer(help="Party keys, the party registry, API tokens and the ledger key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(importlib.import_module("tools.kafka_access").kafka_app, name="kafka")
 app.command("docs")(importlib.import_module("tools.docs").docs_command)
 
 
@@ -61,6 +62,12 @@ def keys_init(
     tokens = write_dev_tokens(directory / "tokens.json", partners)
     console.print(f"registry   {registry}")
     console.print(f"ledger key {ledger_key}")
+    # A Kafka password per principal (admin, each service, each partner): tools/kafka_access.py.
+    from shared.contract.parties import PartyRegistry
+    from tools.kafka_access import principals, write_credentials
+
+    write_credentials(directory / "kafka", principals(PartyRegistry.load(registry)))
+    console.print(f"kafka      {directory / 'kafka'}/<principal>.password")
     console.print(f"service keys {', '.join(str(directory / f'{s}.key') for s in DECIDING_SERVICES)}")
     # tokens.json holds only hashes; the plain development tokens are in tokens.dev.json.
     console.print(f"auditor token: [bold]{tokens['auditor']}[/bold]   (all tokens: {directory / 'tokens.dev.json'})")
@@ -74,9 +81,10 @@ def topics(
 ) -> None:
     """Create the project's topics with their declared partition counts."""
     from shared.runtime.topics import ensure_topics
+    from tools.kafka_access import tool_options
 
     servers = bootstrap or Settings().kafka_bootstrap_servers
-    created = asyncio.run(ensure_topics(servers))
+    created = asyncio.run(ensure_topics(servers, client_options=tool_options("admin")))
     console.print(f"created {len(created)} topic(s) on {servers}: {', '.join(created) or 'none missing'}")
 
 
@@ -127,7 +135,12 @@ def publish(
     servers = bootstrap or Settings().kafka_bootstrap_servers
 
     async def send() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=True)
+        # As the party's own Kafka principal: the broker lets it write only its partner topics.
+        from tools.kafka_access import tool_options
+
+        producer = AIOKafkaProducer(
+            bootstrap_servers=servers, acks="all", enable_idempotence=True, **tool_options(party, keys)
+        )
         await producer.start()
         try:
             key, value, headers = event.as_record()
@@ -199,6 +212,9 @@ def run(
                 str(var_dir / "kafka"),
                 "--port",
                 str(kafka_port),
+                # Secured like production: SASL/SCRAM, one principal each, ACLs (docs/ops.md).
+                "--credentials",
+                str(keys / "kafka"),
             ],
             check=False,
             stdout=subprocess.PIPE,
@@ -210,10 +226,20 @@ def run(
         bootstrap = out.stdout.strip().splitlines()[-1]
         started_kafka = True
     from shared.runtime.topics import ensure_topics
+    from tools.kafka_access import apply_acls, declared_acls, tool_options
 
-    asyncio.run(ensure_topics(bootstrap))
+    # Our broker: topics and ACLs as its admin, and each service as its own principal. A broker
+    # named by KAFKA_BOOTSTRAP_SERVERS: the identity (and ACLs) the environment gives.
+    admin = tool_options("admin", keys) if started_kafka else Settings().kafka_client_options()
+    asyncio.run(ensure_topics(bootstrap, client_options=admin))
+    if started_kafka:
+        from shared.contract.parties import PartyRegistry
+
+        asyncio.run(apply_acls(bootstrap, admin, declared_acls(PartyRegistry.load(keys / "registry.json"))))
     stack = Stack(
+        kafka_principals=started_kafka,
         base_env={
+            **({"KAFKA_CREDENTIALS_DIR": str(keys / "kafka")} if started_kafka else {}),
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "PARTY_REGISTRY": str(keys / "registry.json"),
             "VAR_DIR": str(var_dir),

@@ -78,10 +78,16 @@ class Stack:
     # Each service serves /healthz and /metrics on its own port; the ledger's is the API.
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    # Each service speaks to Kafka as its own principal (KAFKA_SASL_USERNAME=<service>, password
+    # from KAFKA_CREDENTIALS_DIR), whatever identity this process has. False: the environment's.
+    kafka_principals: bool = False
 
     def env_for(self, name: str) -> dict[str, str]:
         env = {**os.environ, **self.base_env}
         env.pop("DATABASE_URL", None)
+        if self.kafka_principals:
+            env["KAFKA_SASL_USERNAME"] = name
+            env.pop("KAFKA_SASL_PASSWORD", None)
         if name in self.database_urls:
             env["DATABASE_URL"] = self.database_urls[name]
         env["HTTP_PORT"] = str(self.port_of(name))

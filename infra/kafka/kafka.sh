@@ -2,7 +2,8 @@
 # Local single-node Apache Kafka 4.x (KRaft, combined broker+controller) without Docker.
 #
 #   kafka.sh fetch                       jars -> ${GPUTRACE_CACHE:-~/.cache/gputrace}/kafka-<v>/libs
-#   kafka.sh start [--port P] [--dir D]  prints the bootstrap address 127.0.0.1:P on stdout
+#   kafka.sh start [--port P] [--dir D] [--credentials C]
+#                                        prints the bootstrap address 127.0.0.1:P on stdout
 #   kafka.sh stop  [--dir D]             SIGTERM, wait, SIGKILL if needed
 #   kafka.sh status [--dir D]            exit 0 and print the address if running, else exit 1
 #
@@ -13,6 +14,15 @@
 #
 # `start` refuses a port another process listens on (naming it), and says `ready` only once the
 # answer on the port comes from the java process it started: never from someone else's broker.
+#
+# Secured (--credentials C, or KAFKA_CREDENTIALS_DIR): clients authenticate with SASL/SCRAM-SHA-512
+# on a SASL_PLAINTEXT listener (production adds TLS: SASL_SSL) and are authorized by ACL (KRaft's
+# StandardAuthorizer, deny when no ACL matches). C holds one <principal>.password per principal
+# (`gputrace keys init`); each becomes a SCRAM user when the storage is formatted, `admin` (required)
+# is a super user. The broker's own principal `broker` (super user) has its password in D, never in C.
+# Its controller listener stays on 127.0.0.1, authenticated with SASL/PLAIN as `broker` (KRaft
+# cannot read SCRAM users before its metadata log is up). ACLs are not made here: `gputrace kafka acls`.
+# A dir keeps the mode it was first started in.
 #
 # Env: KAFKA_VERSION (default below), GPUTRACE_CACHE, KAFKA_HEAP_OPTS, KAFKA_JVM_OPTS,
 #      KAFKA_START_TIMEOUT (seconds, default 180: a loaded 2-core box can take over 90 s to start it).
@@ -95,10 +105,12 @@ cmd_fetch() {
 parse_args() {
     PORT=""
     DIR="$DEFAULT_DIR"
+    CREDENTIALS="${KAFKA_CREDENTIALS_DIR:-}"
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --port) PORT="$2"; shift 2 ;;
             --dir) DIR="$2"; shift 2 ;;
+            --credentials) CREDENTIALS="$2"; shift 2 ;;
             *) die "unknown argument: $1" ;;
         esac
     done
@@ -142,15 +154,58 @@ sys.exit(0 if struct.unpack(">ii", head)[1] == 7 else 1)
 EOF
 }
 
+# Secured mode: a password for the broker's own principal (kept in the data dir, 0600) and the
+# SCRAM users to create at format time, from the credentials dir.
+secure_setup() {
+    [[ -f "$CREDENTIALS/admin.password" ]] || die "no $CREDENTIALS/admin.password (run: gputrace keys init)"
+    if [[ ! -s "$DIR/broker.password" ]]; then
+        (umask 077 && head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$DIR/broker.password")
+    fi
+    BROKER_PASSWORD="$(cat "$DIR/broker.password")"
+    SCRAM_ARGS=(--add-scram "SCRAM-SHA-512=[name=broker,password=$BROKER_PASSWORD]")
+    local file name
+    for file in "$CREDENTIALS"/*.password; do
+        name="$(basename "$file" .password)"
+        [[ "$name" == broker ]] && die "$file: 'broker' is the broker's own principal"
+        # Passwords are url-safe base64 (no ',' ']' '"' that would end the argument or the JAAS string).
+        [[ "$(cat "$file")" =~ ^[A-Za-z0-9_-]+$ ]] || die "$file: password must be url-safe base64"
+        SCRAM_ARGS+=(--add-scram "SCRAM-SHA-512=[name=$name,password=$(cat "$file")]")
+    done
+}
+
 write_config() {
     # Written on every start from kafka.env, so config changes here reach existing dirs too.
-    cat >"$DIR/server.properties" <<EOF
-process.roles=broker,controller
-node.id=1
+    # 0600: in secured mode it holds the broker's password.
+    (umask 077 && : >"$DIR/server.properties")
+    if [[ "$SECURE" == 1 ]]; then
+        cat >"$DIR/server.properties" <<EOF
+listeners=SASL_PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
+advertised.listeners=SASL_PLAINTEXT://127.0.0.1:$PORT
+listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT
+inter.broker.listener.name=SASL_PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="broker" password="$BROKER_PASSWORD";
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+listener.name.controller.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="broker" password="$BROKER_PASSWORD" user_broker="$BROKER_PASSWORD";
+# Nothing is allowed unless an ACL says so; the broker itself and the ops admin are super users.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:broker;User:admin
+EOF
+    else
+        cat >"$DIR/server.properties" <<EOF
 listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
 advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
+EOF
+    fi
+    cat >>"$DIR/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
 controller.listener.names=CONTROLLER
 controller.quorum.bootstrap.servers=127.0.0.1:$CONTROLLER_PORT
 log.dirs=$DIR/data
@@ -229,15 +284,31 @@ cmd_start() {
         # The client listener may move (the broker re-registers it on start); the controller's may not.
         [[ -z "$PORT" || "$PORT" == "$KAFKA_PORT" ]] || log "moving the broker's client port from $KAFKA_PORT to $PORT"
         PORT="${PORT:-$KAFKA_PORT}"
+        # Its users were made at format time: a dir does not change mode.
+        SECURE="${KAFKA_SECURE:-0}"
+        if [[ "$SECURE" == 1 && -z "$CREDENTIALS" ]]; then
+            die "$DIR was started secured: give --credentials (or KAFKA_CREDENTIALS_DIR)"
+        fi
+        if [[ "$SECURE" == 0 && -n "$CREDENTIALS" ]]; then
+            die "$DIR was started without credentials (PLAINTEXT); use a new --dir for a secured broker"
+        fi
     else
         [[ -n "$PORT" ]] || PORT="$(free_port)"
         CONTROLLER_PORT="$(free_port)"
         while [[ "$CONTROLLER_PORT" == "$PORT" ]]; do CONTROLLER_PORT="$(free_port)"; done
+        SECURE=0
+        [[ -z "$CREDENTIALS" ]] || SECURE=1
     fi
     require_free "$PORT" "Kafka"
     require_free "$CONTROLLER_PORT" "Kafka's controller"
-    printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\n' "$PORT" "$CONTROLLER_PORT" >"$DIR/kafka.env"
+    printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\nKAFKA_SECURE=%s\n' "$PORT" "$CONTROLLER_PORT" "$SECURE" >"$DIR/kafka.env"
     mkdir -p "$DIR/logs"
+    SCRAM_ARGS=()
+    if [[ "$SECURE" == 1 ]]; then
+        secure_setup
+    else
+        log "no --credentials: PLAINTEXT, no authentication, no ACLs (development only)"
+    fi
     write_config
     java_cmd
     if [[ ! -f "$DIR/data/meta.properties" ]]; then
@@ -248,7 +319,7 @@ cmd_start() {
             cluster_id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)"
         done
         log "formatting KRaft storage in $DIR/data (cluster $cluster_id)"
-        java "${JAVA_ARGS[@]}" kafka.tools.StorageTool format --standalone \
+        java "${JAVA_ARGS[@]}" kafka.tools.StorageTool format --standalone "${SCRAM_ARGS[@]}" \
             -t "$cluster_id" -c "$DIR/server.properties" >"$DIR/logs/format.out" 2>&1 \
             || { cat "$DIR/logs/format.out" >&2; die "StorageTool format failed"; }
     fi
@@ -321,5 +392,5 @@ case "${1:-}" in
     start) shift; cmd_start "$@" ;;
     stop) shift; cmd_stop "$@" ;;
     status) shift; cmd_status "$@" ;;
-    *) echo "usage: $0 {fetch|start [--port P] [--dir D]|stop [--dir D]|status [--dir D]}" >&2; exit 2 ;;
+    *) echo "usage: $0 {fetch|start [--port P] [--dir D] [--credentials C]|stop [--dir D]|status [--dir D]}" >&2; exit 2 ;;
 esac

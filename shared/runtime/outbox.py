@@ -240,11 +240,15 @@ class OutboxRelay:
         poll_seconds: float = 0.5,
         *,
         group_prefix: str = "gputrace",
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         self.service = service
         self._engine = engine
         self._sessions = sessions
         self._bootstrap = bootstrap_servers
+        # The service's Kafka identity (Settings.kafka_client_options): its principal may use the
+        # transactional id and progress group below (tools/kafka_access.py).
+        self._client_options = client_options or {}
         self._poll = poll_seconds
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -334,6 +338,7 @@ class OutboxRelay:
             linger_ms=5,
             max_request_size=MAX_RECORD_BYTES,
             client_id=f"gputrace-{self.service}-outbox",
+            **self._client_options,
         )
 
     async def _rounds(self, conn: AsyncConnection, producer: AIOKafkaProducer) -> None:
@@ -347,7 +352,9 @@ class OutboxRelay:
         """Delete the rows the last committed transaction published, if they are still here (a crash
         came between Kafka's commit and the DELETE). Runs after the producer fenced its elders, so
         that progress is final. Returns how many rows it deleted."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, client_id=f"gputrace-{self.service}-outbox")
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self._bootstrap, client_id=f"gputrace-{self.service}-outbox", **self._client_options
+        )
         await admin.start()
         try:
             offsets = await admin.list_consumer_group_offsets(self.transactional_id, partitions=[PROGRESS_PARTITION])

@@ -38,6 +38,7 @@ from shared.runtime.consumer import (
 )
 from shared.runtime.db import create_tables, make_engine, session_factory
 from shared.runtime.health import Readiness
+from shared.runtime.kafka_auth import faststream_security
 from shared.runtime.kafka_records import install as tolerate_bad_header_names
 from shared.runtime.observability import HANDLER_SECONDS, configure_logging
 from shared.runtime.outbox import OutboxRelay
@@ -158,9 +159,15 @@ class Service:
         )
         # FastStream logs through our logger, so its lines are JSON like ours. The readiness
         # middleware sees every polled batch start, finish or fail.
+        # This service's own Kafka principal: the ACLs let it read its inputs and write only its own
+        # outputs (tools/kafka_access.py).
+        self.kafka_options = self.settings.kafka_client_options()
         self.broker = KafkaBroker(
             self.settings.kafka_bootstrap_servers,
             client_id=f"gputrace-{name}",
+            security=faststream_security(self.kafka_options),
+            # Topics are the admin's (`gputrace topics`); a service principal may not create any.
+            allow_auto_create_topics=False,
             logger=logging.getLogger("faststream"),
             middlewares=(self.readiness.middleware(),),
         )
@@ -171,6 +178,7 @@ class Service:
             self.settings.kafka_bootstrap_servers,
             self.settings.outbox_poll_seconds,
             group_prefix=self.settings.consumer_group_prefix,
+            client_options=self.kafka_options,
         )
         self.relay.on_round = self.readiness.note_relay_round
         self._subscribe()
@@ -210,7 +218,9 @@ class Service:
             relay.wake()
 
     async def start_dependencies(self) -> None:
-        await ensure_topics(self.settings.kafka_bootstrap_servers)
+        # On a secured broker topics are made by the admin (`gputrace topics`), before the services.
+        if "sasl_mechanism" not in self.kafka_options:
+            await ensure_topics(self.settings.kafka_bootstrap_servers)
         await create_tables(self.engine, self.tables)
         await self.relay.start()
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_VAR_DIR = Path("var")
@@ -16,6 +17,23 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    # Kafka identity (shared.runtime.kafka_auth): one SCRAM principal per service, partner and admin.
+    kafka_security_protocol: str | None = Field(
+        None,
+        description="PLAINTEXT, SASL_PLAINTEXT or SASL_SSL (production: SASL_SSL). Unset: SASL_PLAINTEXT when "
+        "a SASL user is known, else PLAINTEXT.",
+    )
+    kafka_sasl_mechanism: str = Field("SCRAM-SHA-512", description="SASL mechanism of the broker's client listener.")
+    kafka_sasl_username: str | None = Field(
+        None, description="This process's Kafka principal (a service's name, a party id, or admin)."
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="Its password. Unset: read from KAFKA_CREDENTIALS_DIR/<principal>.password."
+    )
+    kafka_credentials_dir: Path = Field(
+        DEFAULT_VAR_DIR / "keys" / "kafka",
+        description="Kafka passwords, one <principal>.password file each (0600), written by `gputrace keys init`.",
+    )
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL of this service's own database (postgresql://...). "
@@ -79,6 +97,13 @@ class Settings(BaseSettings):
 
     def signing_key_path(self, service: str) -> Path:
         return self.service_signing_key or self.party_registry.parent / f"{service}.key"
+
+    def kafka_client_options(self, principal: str | None = None) -> dict[str, Any]:
+        """aiokafka's security keyword arguments for this process (or for `principal`, a tool acting
+        for a partner or the admin, when the environment names no user): see shared.runtime.kafka_auth."""
+        from shared.runtime.kafka_auth import client_options
+
+        return client_options(self, principal)
 
     def sqlalchemy_url(self, service: str) -> str:
         if not self.database_url:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -31,6 +32,7 @@ async def ensure_topics(
     replication: int = 1,
     wait_seconds: float = 60,
     configs: dict[str, dict[str, str]] | None = None,
+    client_options: dict[str, Any] | None = None,
 ) -> list[str]:
     """Create the missing topics and align the configs of existing ones; returns the names created.
     Waits for the broker to answer."""
@@ -38,7 +40,10 @@ async def ensure_topics(
     configs = configs or {**TOPIC_CONFIGS, **_INTERNAL_CONFIGS}
     deadline = asyncio.get_running_loop().time() + wait_seconds
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="gputrace-topics")
+        # Creating topics is the admin's right (shared.runtime.kafka_auth), not a service's.
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap_servers, client_id="gputrace-topics", **(client_options or {})
+        )
         try:
             await admin.start()
             break

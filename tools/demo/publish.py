@@ -35,6 +35,7 @@ from rich.progress import (
 from shared.contract import EVENTS, OUTCOMES_TOPIC, party_source
 from shared.contract.cloudevents import CloudEvent, now_rfc3339
 from shared.contract.parties import load_private_key
+from shared.runtime.kafka_auth import KAFKA_ADMIN
 from tools.demo.programme import (
     LICENSED,
     LICENSING,
@@ -59,6 +60,7 @@ from tools.demo.programme import (
     receipt_sends,
     request_sends,
 )
+from tools.kafka_access import tool_options
 
 
 class DemoFailure(Exception):
@@ -76,22 +78,36 @@ class Publisher:
     """Signs each event with its party's registered key and publishes it in binary mode."""
 
     def __init__(self, bootstrap: str, keys_dir: Path) -> None:
+        self._bootstrap = bootstrap
         self._keys_dir = keys_dir
         self._keys: dict[str, Ed25519PrivateKey] = {}
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5, client_id="gputrace-demo"
-        )
+        # One producer per party, as its own Kafka principal: the broker's ACLs apply to the demo
+        # exactly as to a partner's system (tools/kafka_access.py).
+        self._producers: dict[str, AIOKafkaProducer] = {}
+
+    async def _producer(self, party: str) -> AIOKafkaProducer:
+        if party not in self._producers:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                client_id="gputrace-demo",
+                **tool_options(party, self._keys_dir),
+            )
+            try:
+                await producer.start()
+            except KafkaError as exc:
+                await producer.stop()
+                raise Unreachable(f"Kafka does not answer (as {party}): {exc}") from exc
+            self._producers[party] = producer
+        return self._producers[party]
 
     async def __aenter__(self) -> Publisher:
-        try:
-            await self._producer.start()
-        except KafkaError as exc:
-            await self._producer.stop()
-            raise Unreachable(f"Kafka does not answer: {exc}") from exc
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._producer.stop()
+        await asyncio.gather(*(p.stop() for p in self._producers.values()))
 
     def key(self, party: str) -> Ed25519PrivateKey:
         if party not in self._keys:
@@ -113,19 +129,28 @@ class Publisher:
     async def publish(self, sends: Iterable[Send]) -> None:
         """In order: events of one batch share a partition, so they are decided in this order."""
         pending = []
+        current: AIOKafkaProducer | None = None
         for send in sends:
+            producer = await self._producer(send.party)
+            if producer is not current and pending:
+                # Another party's producer: what came before must be on the broker first.
+                await asyncio.gather(*pending)
+                pending = []
+            current = producer
             topic, event = self.event(send)
             key, value, headers = event.as_record()
-            pending.append(await self._producer.send(topic, value, key=key, headers=headers))
+            pending.append(await producer.send(topic, value, key=key, headers=headers))
         await asyncio.gather(*pending)
 
 
 class OutcomeWatcher:
     """Reads gputrace.outcomes.v1 from the end position taken at start, indexed by event id."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, keys_dir: Path | None = None) -> None:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            # The operator running the demo reads the outcomes as the admin (any partner may too).
+            **tool_options(KAFKA_ADMIN, keys_dir),
             group_id=None,
             enable_auto_commit=False,
             client_id="gputrace-demo-outcomes",
@@ -427,7 +452,10 @@ async def run_demo(cfg: DemoConfig, console: Console) -> DemoReport:
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=cfg.api_url, headers=headers, timeout=30) as api:
         await check_ledger(api)
-        async with OutcomeWatcher(cfg.bootstrap) as watcher, Publisher(cfg.bootstrap, cfg.keys_dir) as publisher:
+        async with (
+            OutcomeWatcher(cfg.bootstrap, cfg.keys_dir) as watcher,
+            Publisher(cfg.bootstrap, cfg.keys_dir) as publisher,
+        ):
             with make_progress(console) as progress:
                 events = len(all_sends(p, random.Random(0), cfg.serials))
                 overall = progress.add_task("[bold]whole programme", total=events, detail="")
