@@ -49,8 +49,51 @@ class UnreadableRecord(Exception):
 
 
 def canonical_json(value: Any) -> bytes:
-    """RFC 8785 (JCS) canonical form; the one serialisation that is signed and hashed."""
+    """RFC 8785 (JCS) canonical form; the one serialisation that is signed and hashed.
+
+    Float-free data whose strings are all in the Basic Multilingual Plane (no surrogates) takes a
+    fast path: there `json.dumps(sort_keys=True)` gives RFC 8785's bytes (code-point order is
+    UTF-16 order, integers print alike, the same escapes), ~5x faster than `rfc8785`. Anything
+    else (floats, astral characters, big integers, other types) goes to `rfc8785`."""
+    if _jcs_fast(value):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
     return rfc8785.dumps(value)
+
+
+# What UTF-16 orders differently from code points (RFC 8785 §3.2.3), or cannot encode at all.
+_NOT_BMP = re.compile("[\ud800-\udfff\U00010000-\U0010ffff]")
+
+
+def _jcs_fast(value: Any) -> bool:
+    """True when `value` is made only of dicts (str keys), lists, BMP strings, bools, None and
+    integers within ±(2^53-1): the data on which the fast canonical path is exact. A loop, not
+    recursion, and one search over all strings joined: this check must cost less than rfc8785."""
+    strings: list[str] = []
+    stack = [value]
+    pop, push, add = stack.pop, stack.append, strings.append
+    while stack:
+        v = pop()
+        kind = type(v)
+        if kind is str:
+            add(v)
+        elif kind is dict:
+            for k, item in v.items():
+                if type(k) is not str:
+                    return False
+                add(k)
+                if type(item) is str:
+                    add(item)
+                else:
+                    push(item)
+        elif kind is list:
+            stack.extend(v)
+        elif kind is int:
+            if not -MAX_SAFE_INTEGER <= v <= MAX_SAFE_INTEGER:
+                return False
+        elif not (kind is bool or v is None):
+            return False
+    text = "".join(strings)
+    return text.isascii() or _NOT_BMP.search(text) is None
 
 
 @dataclass(frozen=True)
