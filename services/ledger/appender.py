@@ -10,9 +10,11 @@ the signature covers is the envelope without `signature`, plus `data` = the entr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import event
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.ledger.log import LogWriter
@@ -31,6 +33,8 @@ class Appender:
     def __init__(self, origin: str, signing_key: Ed25519PrivateKey) -> None:
         self.origin = origin
         self._key = signing_key
+        # Called once a batch that signed a checkpoint has committed (the witnesses are told then).
+        self.on_checkpoint: Callable[[], None] | None = None
         self.statistics = Statistics()
 
     async def on_decision(self, session: AsyncSession, event: CloudEvent, decision: Decision, _: Emitter) -> None:
@@ -67,8 +71,12 @@ class Appender:
         await flush(session)
         writer: LogWriter | None = session.info.pop(_WRITER, None)
         if writer is not None:
-            await writer.finish(self.origin, self.origin, self._key)
+            signed = await writer.finish(self.origin, self.origin, self._key)
             LEDGER_SIZE.set(writer.size)
+            if signed is not None and self.on_checkpoint is not None:
+                notify = self.on_checkpoint
+                # After the commit, not now: before it the checkpoint is invisible to other sessions.
+                event.listen(session.sync_session, "after_commit", lambda _: notify(), once=True)
             await self.statistics.refresh(session, writer.size)
 
 

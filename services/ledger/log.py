@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import Checkpoint, sign_checkpoint
-from sqlalchemy import Column, Index, LargeBinary, Text, insert, select, text, tuple_
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, insert, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -76,7 +76,27 @@ class SignedCheckpoint(SQLModel, table=True):
     signed_at: datetime = Field(default_factory=utcnow)
 
 
-LOG_TABLES = [LogHead.__table__, LogEntry.__table__, LogNode.__table__, SignedCheckpoint.__table__]
+class LogCosignature(SQLModel, table=True):
+    """A witness's cosignature line on the checkpoint of one size, as the witness returned it and the
+    ledger verified it (services/ledger/witnessing.py); served appended to that checkpoint's note."""
+
+    __tablename__ = "log_cosignatures"
+
+    size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    key_id: str = Field(primary_key=True, max_length=8, description="hex of the witness's cosignature key id")
+    witness: str = Field(max_length=300)
+    line: str = Field(sa_column=Column(Text, nullable=False))
+    timestamp: int = Field(sa_column=Column(BigInteger, nullable=False))
+    received_at: datetime = Field(default_factory=utcnow)
+
+
+LOG_TABLES = [
+    LogHead.__table__,
+    LogEntry.__table__,
+    LogNode.__table__,
+    SignedCheckpoint.__table__,
+    LogCosignature.__table__,
+]
 APPEND_ONLY = ("log_entries", "log_nodes", "log_checkpoints")
 
 

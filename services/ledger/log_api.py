@@ -28,6 +28,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.ledger.api import BIGINT_MAX, FORBIDDEN, MALFORMED, NO_TOKEN, RefuseMalformed, refusals
 from services.ledger.auth import require
 from services.ledger.log import LogEntry, LogHead, SignedCheckpoint, b64, fetch_nodes
+from services.ledger.witnessing import cosigned_note, latest_witnessed
 from shared.contract.parties import load_private_key
 
 MAX_ENTRIES = 1000  # per /entries call; clients page (the auditor CLI does)
@@ -120,12 +121,14 @@ def _check_tree_size(tree_size: int, size: int) -> None:
         raise _beyond("tree_size", tree_size, size)
 
 
-def _checkpoint_response(cp: SignedCheckpoint, fmt: str) -> Response:
+async def _checkpoint_response(session: AsyncSession, cp: SignedCheckpoint, fmt: str) -> Response:
+    # The note as signed, with the witnesses' cosignature lines appended (services.ledger.witnessing).
+    note = await cosigned_note(session, cp)
     if fmt == "json":
         return JSONResponse(
-            {"size": cp.size, "root_hash": b64(cp.root_hash), "note": cp.note, "signed_at": cp.signed_at.isoformat()}
+            {"size": cp.size, "root_hash": b64(cp.root_hash), "note": note, "signed_at": cp.signed_at.isoformat()}
         )
-    return PlainTextResponse(cp.note, media_type=NOTE_MEDIA_TYPE)
+    return PlainTextResponse(note, media_type=NOTE_MEDIA_TYPE)
 
 
 def _decode_hash(value: str) -> bytes:
@@ -175,11 +178,24 @@ async def _leaf_index_of(session: AsyncSession, leaf_hash: bytes, tree_size: int
         **refusals({**_REFUSALS, 404: "The log is empty: no checkpoint signed yet"}),
     },
 )
-async def get_checkpoint(session: Session, format: Format = "note") -> Response:
-    cp = (await session.exec(select(SignedCheckpoint).order_by(col(SignedCheckpoint.size).desc()).limit(1))).first()
+async def get_checkpoint(
+    request: Request,
+    session: Session,
+    format: Format = "note",
+    witnessed: Annotated[
+        bool,
+        Query(
+            description="The latest checkpoint cosigned by every witness the ledger uses (the newest may still be "
+            "on its way to them); the latest checkpoint if none is"
+        ),
+    ] = False,
+) -> Response:
+    cp = await latest_witnessed(session, request.app.state.witness_key_ids) if witnessed else None
+    if cp is None:
+        cp = (await session.exec(select(SignedCheckpoint).order_by(col(SignedCheckpoint.size).desc()).limit(1))).first()
     if cp is None:
         raise HTTPException(404, "the log has not signed a checkpoint yet (it is empty)")
-    return _checkpoint_response(cp, format)
+    return await _checkpoint_response(session, cp, format)
 
 
 @log_router.get(
@@ -200,7 +216,7 @@ async def get_past_checkpoint(
     cp = await session.get(SignedCheckpoint, size)
     if cp is None:
         raise HTTPException(404, f"no checkpoint was signed at size {size}")
-    return _checkpoint_response(cp, format)
+    return await _checkpoint_response(session, cp, format)
 
 
 @log_router.get("/public-key", summary="The log's origin and Ed25519 verifier key (public)")

@@ -6,6 +6,7 @@ One process: a FastAPI app whose lifespan runs the Kafka subscriber (shared mech
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
@@ -17,6 +18,7 @@ from services.ledger.dashboard import router as dashboard_router
 from services.ledger.log import LOG_TABLES, install_append_only_guards
 from services.ledger.log_api import log_router
 from services.ledger.projections import PROJECTION_TABLES, prefetch, upgrade
+from services.ledger.witnessing import Witnesser
 from shared.contract import DECIDING_SERVICES, decisions_topic
 from shared.contract.parties import PartyRegistry, load_private_key
 from shared.runtime.db import make_engine, session_factory
@@ -53,9 +55,10 @@ def _tokens(settings: Settings) -> Tokens:
         raise LedgerConfigError(f"refusing to start: {exc}") from exc
 
 
-def build_service(settings: Settings | None = None) -> Service:
+def build_service(settings: Settings | None = None, on_checkpoint: Callable[[], None] | None = None) -> Service:
     settings = settings or Settings()
     appender = Appender(settings.ledger_origin, _signing_key(settings))
+    appender.on_checkpoint = on_checkpoint
     return Service(
         SERVICE,
         tables=[*LOG_TABLES, *PROJECTION_TABLES],
@@ -70,7 +73,9 @@ def build_service(settings: Settings | None = None) -> Service:
 def create_app(settings: Settings | None = None, consume: bool = True) -> FastAPI:
     settings = settings or Settings()
     tokens = _tokens(settings)  # first: a bad tokens file stops start-up before anything else
-    service = build_service(settings)
+    # The witnesses are asked to cosign each checkpoint in the background (none configured: no-op).
+    witnesser = Witnesser(settings.witnesses, settings.witness_poll_seconds)
+    service = build_service(settings, on_checkpoint=witnesser.wake)
     # The API reads through its own pool: auditors' load and the consumer's writes never wait
     # for each other's connections.
     api_engine = make_engine(service.engine.url.render_as_string(hide_password=False), settings.api_db_pool_size, True)
@@ -93,6 +98,7 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
     app.include_router(router)
     app.include_router(log_router)
     app.include_router(dashboard_router)
+    witnesser.attach(app, service.sessions)
     return app
 
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_VAR_DIR = Path("var")
+
+
+class WitnessEndpoint(BaseModel):
+    """One witness the ledger submits checkpoints to."""
+
+    url: str
+    vkey: str
 
 
 class Settings(BaseSettings):
@@ -83,6 +90,24 @@ class Settings(BaseSettings):
         20,
         description="Ledger: connections of the API's own read pool (apart from the consumer's), so API load "
         "neither starves nor is starved by ingestion; as many again may open under bursts.",
+    )
+
+    witnesses: list[WitnessEndpoint] = Field(
+        default_factory=list,
+        description='Ledger: witnesses asked to cosign each new checkpoint (C2SP tlog-witness), a JSON list of '
+        '{"url": submission prefix, "vkey": cosignature key or a file holding it}. Empty: no witnessing.',
+    )
+    witness_poll_seconds: float = Field(1.0, description="Ledger: how often it looks for checkpoints to witness.")
+
+    # Witness.
+    witness_name: str = Field("gputrace.example/witness", description="Witness: its key name (cosignature lines).")
+    witness_signing_key: Path = Field(
+        DEFAULT_VAR_DIR / "keys" / "witness.key", description="Witness: its Ed25519 PEM cosigning key."
+    )
+    witness_logs: list[str] = Field(
+        default_factory=list,
+        description="Witness: the logs it witnesses, a JSON list of their checkpoint vkeys (or files holding one); "
+        "a log's origin is its key's name.",
     )
 
     # Export controls.

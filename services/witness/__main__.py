@@ -1,0 +1,3 @@
+from services.witness.main import main
+
+main()
