@@ -7,14 +7,19 @@ it against the log with an inclusion proof.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 OCDS_PREFIX = "ocds-gputrace"
 EPCIS_CONTEXT = "https://ref.gs1.org/standards/epcis/2.0.0/epcis-context.jsonld"
 GPUTRACE_NS = "https://gputrace.example/ns/epcis/"
+# The OCDS extensions the releases use: `bids` is not in the 1.1 core schema.
+OCDS_EXTENSIONS = [
+    "https://raw.githubusercontent.com/open-contracting-extensions/ocds_bid_extension/v1.1.5/extension.json"
+]
 
 
 def _number(amount: str) -> float | int:
@@ -159,7 +164,7 @@ def ocds_package(batch_id: str, entries: list[dict[str, Any]], publisher: str) -
         "version": "1.1",
         "publishedDate": datetime.now(UTC).isoformat(),
         "publisher": {"name": publisher},
-        "extensions": [],
+        "extensions": OCDS_EXTENSIONS,
         "releases": releases,
     }
 
@@ -199,14 +204,13 @@ def epcis_document(batch_id: str, entries: list[dict[str, Any]]) -> dict[str, An
             shipments[d["shipment_id"]] = d["serials"]
         for serials, disposition, extra in _groups(e["event_type"], d, shipments):
             if serials:
-                events.append(
-                    {
-                        **base,
-                        "epcList": [f"urn:gputrace:serial:{s}" for s in serials],
-                        "disposition": disposition,
-                        **extra,
-                    }
-                )
+                event = {
+                    **base,
+                    "epcList": [f"urn:gputrace:serial:{s}" for s in serials],
+                    "disposition": disposition,
+                    **extra,
+                }
+                events.append({"eventID": event_hash(event), **event})
     return {
         "@context": [EPCIS_CONTEXT, {"gputrace": GPUTRACE_NS}],
         "type": "EPCISDocument",
@@ -252,3 +256,59 @@ def _groups(
             (d.get("failed_serials", []), "non_conformant", {"gputrace:reportUri": d["report_uri"]}),
         ]
     return []
+
+
+# The GS1 event hash (CBV 2.0 §8.9, "ni:///sha-256;…?ver=CBV2.0"): a canonical pre-hash string of
+# the event's fields in a fixed order, then the user extensions sorted, hashed with SHA-256.
+# Written for the fields epcis_document emits; tests/test_exports_tools.py checks it against
+# epcis-event-hash-generator (the reference implementation) on every event. That generator is
+# not used here: it expands the whole document as JSON-LD (seconds for thousands of serials)
+# and keeps its state in module globals.
+CBV = "https://ref.gs1.org/cbv/"
+_ORDER = ("eventTime", "eventTimeZoneOffset", "epcList", "action", "bizStep", "disposition", "bizLocation")
+_VOCABULARY = {"bizStep": "BizStep-", "disposition": "Disp-"}
+
+
+def event_hash(event: dict[str, Any]) -> str:
+    """The event's id per the GS1 event-hash algorithm, for an event built by epcis_document."""
+    parts = [f"eventType={event['type']}"]
+    for key in _ORDER:
+        value = event.get(key)
+        if value is None:
+            continue
+        if key == "eventTime":
+            parts.append(f"eventTime={_hash_time(value)}")
+        elif key == "epcList":
+            parts.append("epcList" + "".join(sorted(f"epc={_hash_value(v)}" for v in value)))
+        elif key == "bizLocation":
+            parts.append(f"bizLocationid={_hash_value(value['id'])}")
+        elif key in _VOCABULARY and ":" not in value:  # a bare CBV term stands for its web URI
+            parts.append(f"{key}={CBV}{_VOCABULARY[key]}{value}")
+        else:
+            parts.append(f"{key}={_hash_value(value)}")
+    extensions = sorted(
+        f"{{{GPUTRACE_NS}}}{k.removeprefix('gputrace:')}={_hash_value(v)}"
+        for k, v in event.items()
+        if k.startswith("gputrace:")
+    )
+    pre_hash = "".join(parts) + "".join(extensions)
+    return f"ni:///sha-256;{hashlib.sha256(pre_hash.encode()).hexdigest()}?ver=CBV2.0"
+
+
+def _hash_time(value: str) -> str:
+    """UTC at millisecond precision with a Z, as the algorithm asks; microseconds rounded the way
+    the reference implementation rounds them (Python's round, half to even)."""
+    t = datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+    t = t.replace(microsecond=0) + timedelta(microseconds=round(t.microsecond, -3))
+    return t.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+
+
+def _hash_value(value: Any) -> str:
+    """A value's canonical text: numbers without leading zeros, a plus sign or a trailing .0.
+    Like the reference implementation, any text that reads as a number counts as one."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+        return str(int(number) if int(number) == number else number)
+    except (ValueError, OverflowError):
+        return text
