@@ -442,7 +442,7 @@ def _topics_block() -> str:
         elif topic == OUTCOMES_TOPIC:
             who = ("gputrace services", "partners (filter on `event_source` or the record key)")
         elif topic == DLQ_TOPIC:
-            who = ("gputrace services", "ops, partners debugging their records")
+            who = ("gputrace services", "ops (a partner asks them for its records)")
         else:
             who = ("that gputrace service", "other gputrace services and the ledger")
         lines.append(f"| `{topic}` | {partitions} | {who[0]} | {who[1]} |")
