@@ -11,6 +11,9 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,14 +32,16 @@ from services.ledger.log import LogWriter
 from shared.contract import decisions_topic, service_source
 from shared.contract.cloudevents import CloudEvent
 from shared.contract.decisions import DECISION_TYPE
-from shared.contract.parties import load_private_key
+from shared.contract.parties import load_private_key, write_private_key
 from shared.runtime.db import make_engine, session_factory
 from tests.partner import PartnerClient, TopicWatcher
 from tests.test_ledger_trust_e2e import logged
 from tests.test_log_api import ORIGIN, LedgerDB, make_keys, run_async, serve_ledger
+from tools.devkeys import generate_dev_registry
 from tools.devstack import Stack
 
 TOPIC = decisions_topic("pledges")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def uid(prefix: str) -> str:
@@ -250,3 +255,23 @@ async def append(db: LedgerDB, entries: list[dict[str, Any]]) -> None:
             await writer.finish(ORIGIN, ORIGIN, db.keys.private)
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("problem", ["missing", "not registered"])
+def test_a_service_without_its_registered_key_refuses_to_start(tmp_path: Path, problem: str) -> None:
+    """Before touching Kafka or its database: one line naming the fix, and a non-zero exit."""
+    keys = tmp_path / "keys"
+    generate_dev_registry(keys)
+    if problem == "missing":
+        (keys / "pledges.key").unlink()
+    else:
+        write_private_key(keys / "pledges.key", Ed25519PrivateKey.generate())
+    env = {**os.environ, "PARTY_REGISTRY": str(keys / "registry.json"), "VAR_DIR": str(tmp_path / "var")}
+    env["KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:9"  # never reached
+    done = subprocess.run(
+        [sys.executable, "-m", "services.pledges"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode != 0 and "gputrace keys init" in last, done.stderr
+    assert ("no signing key" if problem == "missing" else "does not match its entry") in last
+    assert "Traceback" not in done.stderr

@@ -197,7 +197,9 @@ def _declare_publishers(service: Any) -> None:
             (
                 decisions_topic(service.name),
                 "Every decision this service takes, published exactly once in Kafka transactions: "
-                "read with isolation.level=read_committed. ce_id is the decision id, stable across redeliveries.",
+                "read with isolation.level=read_committed. ce_id is the decision id, stable across redeliveries. "
+                "Signed with the service's own key (ce_signature, as a partner signs its events; role service in "
+                "the party registry): readers count a record only if this service signed it.",
             )
         )
     if any(t not in DECISION_TOPICS for t in service.topics):

@@ -76,7 +76,7 @@ class ServiceConfigError(RuntimeError):
     """The service cannot start as configured; the message (one line) says what to do."""
 
 
-def load_registry(settings: Settings, name: str) -> PartyRegistry:
+def load_registry(settings: Settings) -> PartyRegistry:
     path = settings.party_registry
     if not path.exists():
         raise ServiceConfigError(
@@ -131,7 +131,7 @@ class Service:
         self.topics = list(topics)
         internal_topics = [t for t in self.topics if t in DECISION_TOPICS]
         deciding = name in DECIDING_SERVICES
-        registry = load_registry(self.settings, name) if partner_handlers or internal_topics or deciding else None
+        registry = load_registry(self.settings) if partner_handlers or internal_topics or deciding else None
         key = signing_key(self.settings, name, registry) if deciding and registry is not None else None
         for topic in internal_topics:
             owner = DECISION_TOPIC_OWNERS[topic]
@@ -285,7 +285,6 @@ def run_service(build: Callable[[], Service]) -> None:
     try:
         service = build()
     except ServiceConfigError as exc:
-        # One clear line and a non-zero exit, not a traceback.
-        log.critical("%s", exc)
+        # One clear line on stderr and a non-zero exit, not a traceback.
         raise SystemExit(f"refusing to start: {exc}") from None
     service.serve(service.http_app())
