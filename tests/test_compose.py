@@ -106,7 +106,7 @@ def test_environment_names_known_settings(name: str) -> None:
 def test_each_service_has_its_own_database_created_by_the_init_script() -> None:
     created = set(SERVICES_YML["postgres"]["environment"]["GPUTRACE_DATABASES"].split())
     seen: set[str] = set()
-    for name in OURS:
+    for name in [n for n in OURS if n not in ONE_SHOT]:  # the ledger-schema job works on the ledger's
         url = SERVICES_YML[name].get("environment", {}).get("DATABASE_URL")
         if url is None:
             continue
@@ -114,7 +114,7 @@ def test_each_service_has_its_own_database_created_by_the_init_script() -> None:
         assert database in created, f"{name} uses {database}, which postgres-init.sh is not told to create"
         assert database not in seen, f"{database} is shared; each service has its own database"
         seen.add(database)
-    assert len(seen) == len(SERVICES)
+    assert len(seen) == len(SERVICES) + 1  # and the witness's
 
 
 def test_kafka_is_kraft_4_without_auto_topic_creation() -> None:
@@ -174,3 +174,44 @@ def test_gputrace_services_are_healthy_only_when_ready(name: str) -> None:
     # /healthz only says the process runs; /readyz that it consumes, publishes and reaches Kafka.
     check = " ".join(SERVICES_YML[name]["healthcheck"]["test"])
     assert "/readyz" in check and "/healthz" not in check, check
+
+
+# --- the ledger's two roles and its witness (issue 9) -------------------------------------------
+
+
+def _db_user_and_name(url: str) -> tuple[str, str]:
+    user = url.split("://", 1)[1].split(":", 1)[0]
+    return user, url.rsplit("/", 1)[1]
+
+
+def test_the_ledger_runs_as_the_runtime_role_after_the_owner_s_schema_job() -> None:
+    ledger, schema = SERVICES_YML["ledger"], SERVICES_YML["ledger-schema"]
+    assert _db_user_and_name(ledger["environment"]["DATABASE_URL"]) == ("gputrace_ledger_app", "gputrace_ledger")
+    assert _db_user_and_name(schema["environment"]["DATABASE_URL"]) == ("gputrace_ledger_owner", "gputrace_ledger")
+    assert _depends_on(ledger)["ledger-schema"] == "service_completed_successfully"
+    assert _module(schema["command"]) == "services.ledger.schema"
+    assert schema["command"][-2:] == ["--runtime-role", "gputrace_ledger_app"]
+    # The postgres image's init script makes both roles; its passwords are the ones the URLs use.
+    init = (ROOT / "infra" / "docker" / "postgres-init.sh").read_text()
+    assert "CREATE ROLE gputrace_ledger_owner" in init and "CREATE ROLE gputrace_ledger_app" in init
+    postgres_env = SERVICES_YML["postgres"]["environment"]
+    for role, variable in (("app", "LEDGER_APP_PASSWORD"), ("owner", "LEDGER_OWNER_PASSWORD")):
+        assert f"${{{variable}:-${{POSTGRES_PASSWORD}}}}" in init
+        url = (ledger if role == "app" else schema)["environment"]["DATABASE_URL"]
+        assert postgres_env[variable] in url, f"{variable} differs between postgres and the {role} URL"
+
+
+def test_a_witness_cosigns_the_ledger_s_checkpoints() -> None:
+    import json
+
+    witness, ledger = SERVICES_YML["witness"], SERVICES_YML["ledger"]
+    assert _module(witness["command"]) == "services.witness"
+    env = witness["environment"]
+    assert env["WITNESS_SIGNING_KEY"].startswith("/keys/") and json.loads(env["WITNESS_LOGS"]) == ["/keys/ledger.vkey"]
+    assert "kafka" not in _depends_on(witness)  # not a Kafka service
+    [endpoint] = json.loads(ledger["environment"]["WITNESSES"])
+    assert endpoint == {"url": "http://witness:8000", "vkey": "/keys/witness.vkey"}
+    # The keys job writes both published keys under the names the services are configured with.
+    keys_env = SERVICES_YML["keys"]["environment"]
+    assert keys_env["LEDGER_ORIGIN"] == ledger["environment"]["LEDGER_ORIGIN"]
+    assert keys_env["WITNESS_NAME"] == env["WITNESS_NAME"]

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,17 +30,21 @@ from gputrace_verifier.checkpoint import Checkpoint, sign_checkpoint
 from gputrace_verifier.cosignature import format_add_checkpoint, make_witness_vkey, verify_cosignatures
 from prometheus_client import REGISTRY
 from sqlmodel import select
+from typer.testing import CliRunner
 
 from services.ledger.log import LogCosignature
 from services.ledger.main import create_app as create_ledger
 from services.ledger.witnessing import Witnesser
 from services.witness.main import WitnessedLog, WitnessRefusal
 from services.witness.main import create_app as create_witness
-from shared.contract.parties import write_private_key
+from shared.contract.parties import load_private_key, write_private_key
 from shared.runtime.db import make_engine, session_factory
 from shared.runtime.settings import Settings, WitnessEndpoint
 from tests.test_audit_cli import assert_exit, audit
 from tests.test_log_api import ORIGIN, Keys, LedgerDB, ServerThread, ledger_settings, libpq, make_keys, run_async
+from tools.cli import app as gputrace_app
+from tools.devstack import free_port
+from tools.witness_keys import witness_env
 
 WITNESS_NAME = "witness.test.gputrace.example/w1"
 
@@ -305,3 +312,44 @@ def test_the_background_task_cosigns_each_new_checkpoint(
             await engine.dispose()
 
     assert run_async(go()) == [3]
+
+
+def test_keys_init_and_the_witness_process(tmp_path: Path) -> None:
+    """`gputrace keys init` writes the witness's key and the published vkeys; `python -m
+    services.witness` (embedded SQLite) starts from them and cosigns a checkpoint of that ledger."""
+    keys_dir = tmp_path / "keys"
+    done = CliRunner().invoke(gputrace_app, ["keys", "init", "--directory", str(keys_dir)])
+    assert done.exit_code == 0, done.output
+    witness_vkey = (keys_dir / "witness.vkey").read_text().strip()
+    port = free_port()
+    env = {
+        **os.environ,
+        "VAR_DIR": str(tmp_path / "var"),
+        "HTTP_PORT": str(port),
+        "LOG_JSON": "false",
+        **witness_env(keys_dir, port),
+    }
+    env.pop("DATABASE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.witness"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/public-key", timeout=5).json()["vkey"] == witness_vkey
+        origin = Settings().ledger_origin
+        cp = Checkpoint(origin=origin, size=1, root_hash=merkle.leaf_hash(b"entry"))
+        note = sign_checkpoint(cp, origin, load_private_key(keys_dir / "ledger.key"))
+        answer = httpx.post(f"http://127.0.0.1:{port}/add-checkpoint", content=format_add_checkpoint(0, [], note))
+        assert answer.status_code == 200, answer.text
+        assert verify_cosignatures(note + answer.text, [witness_vkey])
+    finally:
+        proc.terminate()
+        proc.wait(15)

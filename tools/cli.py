@@ -62,6 +62,9 @@ def keys_init(
     tokens = write_dev_tokens(directory / "tokens.json", partners)
     console.print(f"registry   {registry}")
     console.print(f"ledger key {ledger_key}")
+    from tools.witness_keys import write_witness_keys
+
+    console.print(f"witness key {write_witness_keys(directory)}   (published: ledger.vkey, witness.vkey)")
     # A Kafka password per principal (admin, each service, each partner): tools/kafka_access.py.
     from shared.contract.parties import PartyRegistry
     from tools.kafka_access import principals, write_credentials
@@ -236,6 +239,10 @@ def run(
         from shared.contract.parties import PartyRegistry
 
         asyncio.run(apply_acls(bootstrap, admin, declared_acls(PartyRegistry.load(keys / "registry.json"))))
+    from tools.devstack import free_port
+    from tools.witness_keys import witness_env
+
+    witness_port = free_port()  # a witness cosigns each checkpoint; the ledger's WITNESSES names it
     stack = Stack(
         kafka_principals=started_kafka,
         base_env={
@@ -245,6 +252,7 @@ def run(
             "VAR_DIR": str(var_dir),
             "LEDGER_SIGNING_KEY": str(keys / "ledger.key"),
             "API_TOKENS": str(keys / "tokens.json"),
+            **witness_env(keys, witness_port),
         },
         log_dir=var_dir / "logs",
         database_urls={
@@ -260,7 +268,8 @@ def run(
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        stack.start()
+        stack.ports["witness"] = witness_port
+        stack.start(("witness", *SERVICES))
         stack.wait_ready(timeout=120)
         # The hashed tokens.json cannot give it back: the development file keeps the plain tokens.
         auditor = json.loads((keys / "tokens.dev.json").read_text())["auditor"]
@@ -269,6 +278,7 @@ def run(
         console.print(f"[green]gputrace is running[/green]: Kafka {bootstrap}, services {', '.join(SERVICES)}")
         console.print(f"  API        {stack.api_url}/docs   (Authorization: Bearer {auditor})")
         console.print(f"  dashboard  {stack.api_url}/")
+        console.print(f"  witness    http://127.0.0.1:{witness_port}   (audit: --witness {keys / 'witness.vkey'})")
         console.print(f"  logs       {var_dir / 'logs'}")
         console.print("Ctrl-C stops everything.")
         while not stopping:

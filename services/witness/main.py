@@ -32,7 +32,7 @@ from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import Checkpoint, CheckpointError, _split_note, open_note, parse_vkey
 from gputrace_verifier.cosignature import cosign, make_witness_vkey, parse_add_checkpoint
 from prometheus_client import Counter, make_asgi_app
-from sqlalchemy import BigInteger, Column, LargeBinary, Text, insert, select, update
+from sqlalchemy import BigInteger, Column, LargeBinary, Text, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -281,6 +281,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "service": SERVICE}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> PlainTextResponse:
+        # Ready when it can record what it cosigns: without its database it must not cosign.
+        try:
+            async with witness.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # any driver error: not ready, say why
+            return PlainTextResponse(f"database unreachable: {type(exc).__name__}\n", status_code=503)
+        return PlainTextResponse("ready\n")
 
     app.mount("/metrics", make_asgi_app())
     return app
