@@ -31,6 +31,10 @@ def _value(money: dict[str, str] | None) -> dict[str, Any] | None:
     return {"amount": _number(money["amount"]), "currency": money["currency"]} if money else None
 
 
+def _date_time(value: str) -> str:
+    return f"{value}T23:59:59Z" if len(value) == 10 else value
+
+
 def _accepted(entries: Iterable[dict[str, Any]], *types: str) -> list[dict[str, Any]]:
     wanted = {f"gputrace.{t}" for t in types}
     return [e for e in entries if e["status"] == "accepted" and e["event_type"] in wanted]
@@ -85,7 +89,9 @@ def ocds_package(batch_id: str, entries: list[dict[str, Any]], publisher: str) -
                         "classification": {"scheme": "gputrace-gpu-catalogue", "id": d["model"]},
                     }
                 ],
-                "tenderPeriod": {"endDate": d["needed_by"]},
+                # When the GPUs are needed: the contract's period, not the bidding window. OCDS
+                # dates are date-times; a plain date means the end of that day.
+                "contractPeriod": {"endDate": _date_time(d["needed_by"])},
             },
         )
     for e in _accepted(entries, "quote.submitted.v1"):
