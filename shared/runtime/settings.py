@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     )
 
     witnesses: list[WitnessEndpoint] = Field(
-        default_factory=list,
+        [],
         description='Ledger: witnesses asked to cosign each new checkpoint (C2SP tlog-witness), a JSON list of '
         '{"url": submission prefix, "vkey": cosignature key or a file holding it}. Empty: no witnessing.',
     )
@@ -105,7 +105,7 @@ class Settings(BaseSettings):
         DEFAULT_VAR_DIR / "keys" / "witness.key", description="Witness: its Ed25519 PEM cosigning key."
     )
     witness_logs: list[str] = Field(
-        default_factory=list,
+        [],
         description="Witness: the logs it witnesses, a JSON list of their checkpoint vkeys (or files holding one); "
         "a log's origin is its key's name.",
     )
