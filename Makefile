@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help run test install lint format fetch-kafka demo bench chaos up down logs docs clean
+.PHONY: help run test install lint format fetch-kafka demo bench bench-api chaos up down logs docs clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,11 +34,14 @@ lint: install ## ruff
 format: install ## ruff format
 	$(BIN)/ruff format .
 
-demo: install ## Publish a realistic programme against whatever is running (make run or compose)
-	$(BIN)/gputrace demo
+demo: install ## Publish the 260,000-GPU programme against whatever is running (make run or compose; SCALE=1.0)
+	$(BIN)/gputrace demo --scale $${SCALE:-1.0} --serials
 
 bench: install ## Throughput against raw aiokafka and raw PostgreSQL in the same run (EVENTS=5000)
 	$(BIN)/python -m tests.benchmarks.bench_pipeline --events $${EVENTS:-5000}
+
+bench-api: install ## Auditor API p50/p95/p99 at 50 clients vs /healthz, proofs at 10^6 entries (ENTRIES=1000000)
+	$(BIN)/python -m tests.benchmarks.bench_api --log-entries $${ENTRIES:-1000000}
 
 chaos: install ## Seeded SIGKILLs of every service, the broker and PostgreSQL under load (EVENTS=20000 SEED=1)
 	$(BIN)/python -m tests.chaos --events $${EVENTS:-20000} --seed $${SEED:-1}

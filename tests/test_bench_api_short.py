@@ -1,0 +1,33 @@
+"""`make bench-api` in seconds: a small bulk-loaded ledger served by the real app, every auditor
+endpoint and proof measured without an error, and the JSON and markdown written (issue 11, item 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks import bench_api
+
+
+def test_bench_api_runs_clean_on_a_small_ledger(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    out = tmp_path / "results"
+    args = ["--log-entries", "2000", "--pledges", "200", "--batches", "20", "--requests", "15", "--warmup", "2"]
+    report = bench_api.main([*args, "--clients", "8", "--out", str(out)])
+
+    measured = report["results"]["concurrent"]
+    assert set(measured) == set(bench_api.endpoints(_loaded()).keys())
+    assert {name: r["errors"] for name, r in measured.items()} == dict.fromkeys(measured, 0)
+    assert all(r["requests"] == 15 for r in measured.values())
+    assert set(report["results"]["sequential"]) == {"/healthz", *bench_api.PROOFS}
+    assert json.loads((out / "api.json").read_text())["log_entries"] == 2000
+    table = (out / "api.md").read_text()
+    assert "p99 / healthz p99" in table and "inclusion proof (hash)" in table
+
+
+def _loaded() -> bench_api.Loaded:
+    return bench_api.Loaded(10, [b"x" * 32], ["B"], ["P"], 0.0)
