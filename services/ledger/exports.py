@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 OCDS_PREFIX = "ocds-gputrace"
@@ -273,6 +274,7 @@ def _groups(
 CBV = "https://ref.gs1.org/cbv/"
 _ORDER = ("eventTime", "eventTimeZoneOffset", "epcList", "action", "bizStep", "disposition", "bizLocation")
 _VOCABULARY = {"bizStep": "BizStep-", "disposition": "Disp-"}
+_NUMBER_START = frozenset("0123456789+-.iInN")  # what float() accepts first: digits, sign, inf, nan
 
 
 def event_hash(event: dict[str, Any]) -> str:
@@ -285,7 +287,8 @@ def event_hash(event: dict[str, Any]) -> str:
         if key == "eventTime":
             parts.append(f"eventTime={_hash_time(value)}")
         elif key == "epcList":
-            parts.append("epcList" + "".join(sorted(f"epc={_hash_value(v)}" for v in value)))
+            # Our serial URNs: never numbers nor GS1 keys, so stripping is all their canonical form needs.
+            parts.append("epcList" + "".join(sorted(["epc=" + v.strip() for v in value])))
         elif key == "bizLocation":
             parts.append(f"bizLocationid={_hash_value(value['id'])}")
         elif key in _VOCABULARY and ":" not in value:  # a bare CBV term stands for its web URI
@@ -301,6 +304,7 @@ def event_hash(event: dict[str, Any]) -> str:
     return f"ni:///sha-256;{hashlib.sha256(pre_hash.encode()).hexdigest()}?ver=CBV2.0"
 
 
+@lru_cache(maxsize=1024)  # one entry's events share its time
 def _hash_time(value: str) -> str:
     """UTC at millisecond precision with a Z, as the algorithm asks; microseconds rounded the way
     the reference implementation rounds them (Python's round, half to even)."""
@@ -313,6 +317,8 @@ def _hash_value(value: Any) -> str:
     """A value's canonical text: numbers without leading zeros, a plus sign or a trailing .0.
     Like the reference implementation, any text that reads as a number counts as one."""
     text = str(value).strip()
+    if not text or text[0] not in _NUMBER_START:  # serial URNs, ids: skip float()'s exception
+        return text
     try:
         number = float(text)
         return str(int(number) if int(number) == number else number)
