@@ -28,6 +28,7 @@ from ocdskit.util import detect_format
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
+from services.ledger.exports import epcis_document
 from tests.partner import PartnerClient, TopicWatcher
 from tests.test_batch_lifecycle_e2e import Programme, batch_view, uid
 
@@ -174,3 +175,56 @@ def test_ocdskit_reads_and_compiles_the_package(exports: tuple[dict[str, Any], d
     assert [r["ocid"] for r in records] == [exports[0]["releases"][0]["ocid"]]
     assert records[0]["compiledRelease"]["awards"][0]["value"] == {"amount": 200000000, "currency": "KRW"}
     assert len(records[0]["releases"]) == 3 and len(records[0]["versionedRelease"]["awards"]) == 1
+
+
+def test_event_ids_agree_on_values_the_algorithm_canonicalises() -> None:
+    """Without the stack: times in other zones and with microseconds, numeric-looking texts
+    (leading zeros, signs), a GS1-vocabulary step: the generator and our ids still agree."""
+    batch = "B-edge"
+
+    def entry(i: int, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        event = {"data": {"batch_id": batch, **data}}
+        return {
+            "leaf_index": i,
+            "event_type": f"gputrace.{kind}",
+            "status": "accepted",
+            "decision_id": f"0{i}",
+            "event": event,
+        }
+
+    serials = ["SN-2", "SN-1", "0042"]
+    shipment = {
+        "shipment_id": "+7",
+        "carrier": "007",
+        "serials": serials,
+        "dispatched_at": "2025-07-01T09:00:00.5+09:00",
+    }
+    received = {"received_serials": serials, "damaged_serials": ["0042"], "received_at": "2025-07-05T00:00:00.123556Z"}
+    placements = [{"serial": "SN-1", "rack": "R 01", "slot": "01"}, {"serial": "SN-2", "rack": "1e3", "slot": "2.50"}]
+    entries = [
+        entry(1, "shipment.dispatched.v1", shipment),
+        entry(
+            2,
+            "shipment.cleared.v1",
+            {"shipment_id": "+7", "declaration_number": "00123", "cleared_at": "2025-07-03T00:00:00+00:00"},
+        ),
+        entry(3, "shipment.received.v1", {"shipment_id": "+7", "site_id": "h-1", **received}),
+        entry(
+            4,
+            "batch.installed.v1",
+            {"site_id": "h-1", "placements": placements, "installed_at": "2025-07-10T01:02:03Z"},
+        ),
+        entry(
+            5,
+            "batch.accepted.v1",
+            {
+                "passed_serials": ["SN-1"],
+                "failed_serials": ["SN-2"],
+                "accepted_at": "2025-07-20T00:00:00-05:00",
+                "report_uri": "https://example.invalid/r?a=1",
+            },
+        ),
+    ]
+    doc = epcis_document(batch, entries)
+    assert len(doc["epcisBody"]["eventList"]) == 8
+    assert_event_ids_agree_with_generator(doc)
