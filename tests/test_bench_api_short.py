@@ -17,7 +17,7 @@ def test_bench_api_runs_clean_on_a_small_ledger(
     monkeypatch.setenv("DATABASE_URL", postgres_url)
     out = tmp_path / "results"
     args = ["--log-entries", "2000", "--pledges", "200", "--batches", "20", "--requests", "15", "--warmup", "2"]
-    report = bench_api.main([*args, "--clients", "8", "--out", str(out)])
+    report = bench_api.main([*args, "--clients", "8", "--client-procs", "2", "--out", str(out)])
 
     measured = report["results"]["concurrent"]
     assert set(measured) == set(bench_api.endpoints(_loaded()).keys())

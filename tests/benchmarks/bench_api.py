@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import base64
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -33,6 +34,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -330,6 +332,21 @@ def stats(latencies: list[float], errors: int, seconds: float) -> dict[str, Any]
 async def measure(
     client: httpx.AsyncClient, path: Callable[[random.Random], str], requests: int, clients: int, warmup: int
 ) -> dict[str, Any]:
+    latencies, errors, statuses, seconds = await _measure(client, path, requests, clients, warmup, 0)
+    result = stats(latencies, errors, seconds)
+    if errors:
+        result["statuses"] = statuses
+    return result
+
+
+async def _measure(
+    client: httpx.AsyncClient,
+    path: Callable[[random.Random], str],
+    requests: int,
+    clients: int,
+    warmup: int,
+    seed: int,
+) -> tuple[list[float], int, dict[int, int], float]:
     latencies: list[float] = []
     errors = 0
     statuses: dict[int, int] = {}
@@ -355,8 +372,47 @@ async def measure(
             latencies.append(elapsed)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(clients)))
-    result = stats(latencies, errors, time.perf_counter() - started)
+    await asyncio.gather(*(worker(seed * 1000 + i) for i in range(clients)))
+    return latencies, errors, statuses, time.perf_counter() - started
+
+
+def _client_process(
+    base: str, token: str, loaded: Loaded, name: str, requests: int, clients: int, warmup: int, seed: int
+) -> tuple[list[float], int, dict[int, int], float]:
+    """One client process's share of an endpoint's requests (its own event loop and connections)."""
+
+    async def run() -> tuple[list[float], int, dict[int, int], float]:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=60) as client:
+            return await _measure(client, endpoints(loaded)[name], requests, clients, warmup, seed)
+
+    return asyncio.run(run())
+
+
+def measure_in_processes(
+    pool: ProcessPoolExecutor, base: str, token: str, loaded: Loaded, name: str, opts: argparse.Namespace
+) -> dict[str, Any]:
+    """`opts.clients` concurrent clients spread over `opts.client_procs` processes: one Python
+    process cannot drive 50 clients fast enough to load the server (httpx costs ~1 ms a request)."""
+    procs = opts.client_procs
+    per = [opts.clients // procs + (i < opts.clients % procs) for i in range(procs)]
+    share = [opts.requests // procs + (i < opts.requests % procs) for i in range(procs)]
+    futures = [
+        pool.submit(_client_process, base, token, loaded, name, share[i], per[i], opts.warmup // procs, i)
+        for i in range(procs)
+        if per[i]
+    ]
+    latencies: list[float] = []
+    errors, statuses, seconds = 0, {}, 0.0
+    for f in futures:
+        lat, err, st, sec = f.result()
+        latencies += lat
+        errors += err
+        seconds = max(seconds, sec)
+        for code, n in st.items():
+            statuses[code] = statuses.get(code, 0) + n
+    result = stats(latencies, errors, seconds)
     if errors:
         result["statuses"] = statuses
     return result
@@ -398,10 +454,11 @@ async def run_clients(base: str, token: str, loaded: Loaded, opts: argparse.Name
     limits = httpx.Limits(max_connections=opts.clients, max_keepalive_connections=opts.clients)
     headers = {"Authorization": f"Bearer {token}"}
     out: dict[str, Any] = {"concurrent": {}, "sequential": {}}
-    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=60) as client:
-        for name, path in paths.items():
-            out["concurrent"][name] = await measure(client, path, opts.requests, opts.clients, opts.warmup)
+    with ProcessPoolExecutor(opts.client_procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for name in paths:
+            out["concurrent"][name] = measure_in_processes(pool, base, token, loaded, name, opts)
             print(f"  {opts.clients} clients  {name:<28} {out['concurrent'][name]}", flush=True)
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=60) as client:
         # Proofs also one at a time: their own latency, without 49 other requests queued ahead.
         for name in ("/healthz", *(p for p in PROOFS if p in paths)):
             out["sequential"][name] = await measure(client, paths[name], opts.requests, 1, opts.warmup)
@@ -422,8 +479,10 @@ def write_results(report: dict[str, Any], out: Path) -> None:
         "",
         f"Ledger: {report['log_entries']:,} log entries, {report['pledges']:,} pledges, {report['batches']:,} "
         f"batches (bulk-loaded, {report['load_seconds']:.0f} s; no ANALYZE). Server: the ledger app, one uvicorn "
-        f"process, API pool {report['api_pool']}; clients: httpx, {report['requests']} requests per endpoint "
-        f"after {report['warmup']} warm-up. Machine: {report['machine']}.",
+        f"process, API pool {report['api_pool']}; clients: httpx in {report['client_procs']} processes, "
+        f"{report['requests']} requests per endpoint "
+        f"after {report['warmup']} warm-up. Machine: {report['machine']}, load average {report['load_average']} "
+        "(shared with other jobs).",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -463,6 +522,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--pledges", type=int, default=100_000)
     ap.add_argument("--batches", type=int, default=10_000)
     ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--client-procs", type=int, default=4, help="processes the clients are spread over")
     ap.add_argument("--requests", type=int, default=2000, help="per endpoint, after the warm-up")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--api-pool", type=int, default=20)
@@ -531,6 +591,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "requests": opts.requests,
         "warmup": opts.warmup,
         "api_pool": opts.api_pool,
+        "client_procs": opts.client_procs,
+        "load_average": os.getloadavg(),
         "load_seconds": loaded.seconds,
         "results": results,
     }

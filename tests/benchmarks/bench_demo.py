@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=RESULTS)
     opts = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="gputrace-bench-demo-"))
+    work.chmod(0o755)  # as root, PostgreSQL runs as postgres and must enter it
     report: dict[str, Any] = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m tests.benchmarks.bench_demo " + " ".join(argv if argv is not None else sys.argv[1:]),
