@@ -33,6 +33,8 @@ from tests.partner import PartnerClient, TopicWatcher
 from tests.test_batch_lifecycle_e2e import Programme, batch_view, uid
 
 OCDS = Path(__file__).parent / "data" / "ocds"
+# The generator loads its bundled JSON-LD context with an importlib.resources call Python deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:open_text is deprecated:DeprecationWarning")
 
 
 def release_schema() -> dict[str, Any]:
