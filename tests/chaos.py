@@ -562,11 +562,13 @@ def verifier_key(keys_dir: Path) -> str:
 
 
 def audit_verify(api_url: str, token: str, keys_dir: Path, state: Path) -> subprocess.CompletedProcess[str]:
-    """`gputrace audit verify`, the command an auditor runs, as a separate process."""
+    """`gputrace audit verify`, the command an auditor runs, as a separate process; it also checks
+    that every entry is signed by the service that decided it (the registry's service keys)."""
     gputrace = Path(sys.executable).parent / "gputrace"
     vkey = verifier_key(keys_dir)
+    keys = ["--key", vkey, "--service-keys", str(keys_dir / "registry.json")]
     return subprocess.run(
-        [str(gputrace), "audit", "--url", api_url, "--token", token, "--state", str(state), "--key", vkey, "verify"],
+        [str(gputrace), "audit", "--url", api_url, "--token", token, "--state", str(state), *keys, "verify"],
         capture_output=True,
         text=True,
         timeout=300,
