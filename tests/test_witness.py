@@ -11,6 +11,7 @@ checkpoint signed by the wrong key gets 403.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import subprocess
@@ -24,15 +25,26 @@ import httpx
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
 from gputrace_verifier import merkle
 from gputrace_verifier.audit import Exit
 from gputrace_verifier.checkpoint import Checkpoint, sign_checkpoint
-from gputrace_verifier.cosignature import format_add_checkpoint, make_witness_vkey, verify_cosignatures
+from gputrace_verifier.cosignature import (
+    cosign,
+    cosigner_key_id,
+    format_add_checkpoint,
+    make_witness_vkey,
+    parse_witness_vkey,
+    verify_cosignatures,
+)
 from prometheus_client import REGISTRY
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from services.ledger.log import LogCosignature
+from services.ledger.appender import _WRITER as APPENDER_WRITER
+from services.ledger.appender import Appender
+from services.ledger.log import LogCosignature, LogWriter
 from services.ledger.main import create_app as create_ledger
 from services.ledger.witnessing import Witnesser
 from services.witness.main import WitnessedLog, WitnessRefusal
@@ -41,7 +53,17 @@ from shared.contract.parties import load_private_key, write_private_key
 from shared.runtime.db import make_engine, session_factory
 from shared.runtime.settings import Settings, WitnessEndpoint
 from tests.test_audit_cli import assert_exit, audit
-from tests.test_log_api import ORIGIN, Keys, LedgerDB, ServerThread, ledger_settings, libpq, make_keys, run_async
+from tests.test_log_api import (
+    ORIGIN,
+    Keys,
+    LedgerDB,
+    ServerThread,
+    fake_decision,
+    ledger_settings,
+    libpq,
+    make_keys,
+    run_async,
+)
 from tools.cli import app as gputrace_app
 from tools.devstack import free_port
 from tools.witness_keys import witness_env
@@ -286,20 +308,62 @@ def test_stale_replayed_and_wrongly_signed_submissions_are_refused(
     assert [r.size for r in witness.rows(WitnessedLog)] == [witnessed]
 
 
-def test_the_background_task_cosigns_each_new_checkpoint(
+def test_the_ledger_keeps_only_cosignatures_that_verify_with_the_witness_s_key(
     make_ledger: MakeLedger,
     witness: WitnessServer,
 ) -> None:
+    """Something at the witness's URL answers with a line that claims the witness's key id but is
+    signed by another key: the ledger stores nothing and counts a failure."""
+    impostor = Ed25519PrivateKey.generate()
+    real_key_id = cosigner_key_id(*parse_witness_vkey(witness.vkey))
+    fake = FastAPI()
+
+    @fake.post("/add-checkpoint")
+    async def add_checkpoint(request: Request) -> PlainTextResponse:
+        note = (await request.body()).decode().split("\n\n", 1)[1]
+        line = cosign(note.split("\n\n")[0] + "\n", WITNESS_NAME, impostor, int(time.time()))
+        blob = base64.b64decode(line.rstrip("\n").rsplit(" ", 1)[1])
+        return PlainTextResponse(f"\u2014 {WITNESS_NAME} {base64.b64encode(real_key_id + blob[4:]).decode()}\n")
+
+    server = ServerThread(fake).start()
+    try:
+        ledger = make_ledger("i")
+        ledger.db.append([2])
+        ledger.endpoints = [WitnessEndpoint(url=server.url, vkey=witness.vkey)]
+        before = failures_count()
+        ledger.witness_round()
+        assert failures_count() == before + 1
+        assert verify_cosignatures(ledger.note(), [witness.vkey]) == []
+    finally:
+        server.stop()
+
+
+def test_the_background_task_cosigns_each_checkpoint_when_its_batch_commits(
+    make_ledger: MakeLedger,
+    witness: WitnessServer,
+) -> None:
+    """The ledger's wiring: the task runs in the app's lifespan (Witnesser.attach) and the
+    appender wakes it when a batch that signed a checkpoint commits. It polls only every minute
+    here, so a cosignature within seconds means the wake-up worked."""
     ledger = make_ledger("b")
 
     async def go() -> list[int]:
         engine = make_engine(ledger.db.url)
-        witnesser = Witnesser(ledger.endpoints, poll_seconds=0.1)
-        witnesser.bind(session_factory(engine))
         sessions = session_factory(engine)
+        witnesser = Witnesser(ledger.endpoints, poll_seconds=60)
+        app = FastAPI()
+        witnesser.attach(app, sessions)
+        appender = Appender(ORIGIN, ledger.keys.private)
+        appender.on_checkpoint = witnesser.wake
         try:
-            async with witnesser.running():
-                await ledger.db._append([3])  # appends never wait for the witness
+            async with app.router.lifespan_context(app):
+                await asyncio.sleep(0.5)  # the task's first round: nothing to witness yet
+                async with sessions() as session, session.begin():
+                    writer = session.info[APPENDER_WRITER] = await LogWriter.open(session)
+                    for i in range(3):
+                        d = fake_decision(i, "b")
+                        writer.append(d, service=d["service"], event_type=d["event_type"], status=d["status"])
+                    await appender.after_batch(session)  # signs the checkpoint; wakes after commit
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline:
                     async with sessions() as session:
@@ -312,6 +376,7 @@ def test_the_background_task_cosigns_each_new_checkpoint(
             await engine.dispose()
 
     assert run_async(go()) == [3]
+    assert verify_cosignatures(ledger.note(), [witness.vkey])
 
 
 def test_keys_init_and_the_witness_process(tmp_path: Path) -> None:

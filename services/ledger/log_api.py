@@ -190,7 +190,9 @@ async def get_checkpoint(
         ),
     ] = False,
 ) -> Response:
-    cp = await latest_witnessed(session, request.app.state.witness_key_ids) if witnessed else None
+    # No witnesses configured (or an app without them): the latest checkpoint, as without the flag.
+    key_ids = getattr(request.app.state, "witness_key_ids", [])
+    cp = await latest_witnessed(session, key_ids) if witnessed else None
     if cp is None:
         cp = (await session.exec(select(SignedCheckpoint).order_by(col(SignedCheckpoint.size).desc()).limit(1))).first()
     if cp is None:
