@@ -16,6 +16,13 @@ its state change (`enqueue`); the relay publishes them:
 
 So every row reaches a consumer reading with isolation.level=read_committed exactly once.
 
+Published from memory: while the relay leads, the rows a batch writes are claimed by it before
+the batch commits and handed to it right after (`Pending.write`): it publishes them as above
+(same transaction, same progress, then the DELETE) without reading them back. The table stays
+the crash backup: rows the relay did not claim (it was not leading yet, another replica wrote
+them) or lost (a failure drops every claim) are swept from the table as before. A relay claims
+nothing until a sweep has found the table empty, so rows left by a crash go out before newer ones.
+
 The outbox heals itself: a row that can never be sent (larger than MAX_RECORD_BYTES, refused by
 the broker as invalid, malformed) is moved to `outbox_parked` with its reason, counted in
 gputrace_outbox_parked_total and listed by `gputrace ops parked`; the rows behind it go on.
@@ -28,8 +35,11 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -44,6 +54,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import OffsetAndMetadata
 from sqlalchemy import Row, delete, insert, select, text
+from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -83,12 +94,31 @@ PARKED = ParkedOutboxMessage.__table__  # type: ignore[attr-defined]
 _PENDING = "gputrace.pending"
 
 
+@dataclass(frozen=True)
+class OutRow:
+    """An outbox row as its transaction wrote it: what the relay publishes from memory."""
+
+    id: int
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: str
+    created_at: datetime
+    header_list: list[tuple[str, bytes]]
+
+
+# The relay of each engine, so that a transaction's rows can be handed to it (Pending.write).
+_RELAYS: weakref.WeakKeyDictionary[AsyncEngine, OutboxRelay] = weakref.WeakKeyDictionary()
+
+
 class Pending:
     """The outbox and processed-message rows of one transaction, written in one bulk INSERT
     each just before it commits, instead of a round trip per record."""
 
     def __init__(self) -> None:
         self.outbox: list[dict[str, Any]] = []
+        # The outbox rows' headers as Kafka takes them, so the relay need not decode them again.
+        self.header_lists: list[list[tuple[str, bytes]]] = []
         self.processed: list[dict[str, Any]] = []
 
     @classmethod
@@ -102,15 +132,31 @@ class Pending:
     def reset(self, mark: tuple[int, int]) -> None:
         """Forget what a record rolled back to its savepoint had added."""
         del self.outbox[mark[0] :]
+        del self.header_lists[mark[0] :]
         del self.processed[mark[1] :]
 
     async def write(self, session: AsyncSession) -> None:
         # In list order, so outbox ids (and the relay's publishing order) follow decision order.
         if self.outbox:
-            await session.execute(insert(OutboxMessage), self.outbox)
+            relay = _RELAYS.get(session.bind) if isinstance(session.bind, AsyncEngine) else None
+            if relay is not None and relay.accepting:
+                ids = (
+                    await session.execute(
+                        insert(OUTBOX).returning(OUTBOX.c.id, sort_by_parameter_order=True), self.outbox
+                    )
+                ).scalars()
+                rows = [
+                    OutRow(i, r["topic"], r["key"], r["value"], r["headers"], r["created_at"], h)
+                    for i, r, h in zip(ids, self.outbox, self.header_lists, strict=True)
+                ]
+                relay.claim(session, rows)
+            else:
+                await session.execute(insert(OutboxMessage), self.outbox)
+                if relay is not None:
+                    relay.claim(session, [])
         if self.processed:
             await session.execute(insert(ProcessedMessage), self.processed)
-        self.outbox, self.processed = [], []
+        self.outbox, self.header_lists, self.processed = [], [], []
 
 
 def pending_of(session: AsyncSession) -> Pending:
@@ -122,7 +168,9 @@ def pending_of(session: AsyncSession) -> Pending:
 
 def enqueue(session: AsyncSession, topic: str, event: CloudEvent) -> None:
     key, value, headers = event.as_record()
-    pending_of(session).outbox.append(
+    pending = pending_of(session)
+    pending.header_lists.append(headers)
+    pending.outbox.append(
         {
             "topic": topic,
             "key": key,
@@ -209,6 +257,10 @@ def _fit(rows: Sequence[Row[Any]]) -> list[Row[Any]]:
     return fitted
 
 
+def _headers_of(row: Any) -> list[tuple[str, bytes]]:
+    return row.header_list if isinstance(row, OutRow) else _headers(row.headers)
+
+
 def _headers(stored: str) -> list[tuple[str, bytes]]:
     """The stored [[name, value], ...] as Kafka headers; ValueError if they are not that."""
     pairs = json.loads(stored)
@@ -262,6 +314,19 @@ class OutboxRelay:
         self.leading = False
         # Told after every round, with its exception if it failed (shared.runtime.health: readiness).
         self.on_round: Callable[[BaseException | None], None] = lambda error: None
+        # The memory path (module docstring). Claims are valid for one epoch: a failure ends it,
+        # drops every claim and leaves those rows to the sweep.
+        self.accepting = False
+        self._epoch = 0
+        self._claimed: set[int] = set()
+        self._ready: list[OutRow] = []
+        # Writing transactions not yet ended, and commits whose rows were left to the table: a
+        # sweep that found the table empty may start accepting only if neither moved meanwhile.
+        self._inflight = 0
+        self._unclaimed_commits = 0
+        self._next_sweep = 0.0
+        self.published_from_memory = 0
+        _RELAYS[engine] = self
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"{self.service}-outbox-relay")
@@ -276,6 +341,45 @@ class OutboxRelay:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def claim(self, session: AsyncSession, rows: list[OutRow]) -> None:
+        """Inside a writing transaction, before it commits: these rows (none when the relay is not
+        accepting) are published from memory once it commits; if it does not, they never existed."""
+        epoch, ids = self._epoch, [r.id for r in rows]
+        if rows:
+            self._claimed.update(ids)
+        self._inflight += 1
+        sync = session.sync_session
+        root = sync.get_transaction()
+        state = {"committed": False, "ended": False}
+
+        def committed(_: Any) -> None:
+            state["committed"] = True
+
+        def ended(_: Any, transaction: Any) -> None:
+            if transaction is not root or state["ended"]:
+                return
+            state["ended"] = True
+            self._inflight -= 1
+            if not rows:
+                self._unclaimed_commits += state["committed"]
+            elif epoch != self._epoch:
+                pass  # claims dropped meanwhile: the sweep publishes these rows
+            elif state["committed"]:
+                self._ready.extend(rows)
+                self._wake.set()
+            else:
+                self._claimed.difference_update(ids)
+
+        sa_event.listen(sync, "after_commit", committed)
+        sa_event.listen(sync, "after_transaction_end", ended)
+
+    def _stop_accepting(self) -> None:
+        """A new producer or a failure: claims are dropped, their rows are swept from the table."""
+        self.accepting = False
+        self._epoch += 1
+        self._claimed.clear()
+        self._ready.clear()
 
     async def _idle(self) -> None:
         try:
@@ -303,6 +407,7 @@ class OutboxRelay:
                 await self._acquire(conn)
                 self.leading = True
                 while True:
+                    self._stop_accepting()
                     producer = self._producer()
                     await producer.start()  # init_transactions: fences and settles older producers
                     try:
@@ -313,6 +418,7 @@ class OutboxRelay:
                     finally:
                         await producer.stop()
             finally:
+                self._stop_accepting()
                 self.leading = False
                 # Closing the connection (not returning it to the pool) releases the session lock.
                 await conn.invalidate()
@@ -342,11 +448,40 @@ class OutboxRelay:
         )
 
     async def _rounds(self, conn: AsyncConnection, producer: AIOKafkaProducer) -> None:
+        # Rows handed over from memory first; the table is swept on every wake-up until the relay
+        # accepts, then every poll interval (rows of other replicas, of crashes).
+        self._next_sweep = 0.0
         while True:
-            handled = await self._round(conn, producer)
-            self.on_round(None)
-            if handled < RELAY_BATCH:
-                await self._idle()
+            if self._ready:
+                await self._memory_round(conn, producer)
+                self.on_round(None)
+                continue
+            if not self.accepting or time.monotonic() >= self._next_sweep:
+                handled = await self._round(conn, producer)
+                self._next_sweep = time.monotonic() + self._poll
+                self.on_round(None)
+                if handled >= RELAY_BATCH:
+                    continue
+            await self._idle()
+
+    async def _memory_round(self, conn: AsyncConnection, producer: AIOKafkaProducer) -> None:
+        """Publish rows handed over by committed transactions, then delete them: no read back."""
+        rows = _fit(self._ready[:RELAY_BATCH])
+        del self._ready[: len(rows)]
+        try:
+            sent, parked = await self._publish(producer, rows)
+        except RECORD_REFUSED as exc:
+            # As in _round; the claims are dropped, so the sweep takes these rows from the table.
+            if len(rows) == 1:
+                await self._settle(conn, [], [(rows[0], _reason(exc))])
+            else:
+                log.warning("the broker refused a record of this round (%s); sending its rows one by one", exc)
+                self._one_by_one_until = rows[-1].id
+            raise _ProducerSpoiled from exc
+        await self._settle(conn, sent, parked)
+        self._claimed.difference_update(r.id for r in rows)
+        self.published_from_memory += len(sent)
+        OUTBOX_BACKLOG.labels(self.service).set(len(self._ready))
 
     async def _reconcile(self, conn: AsyncConnection) -> int:
         """Delete the rows the last committed transaction published, if they are still here (a crash
@@ -383,11 +518,19 @@ class OutboxRelay:
         """Publish the oldest rows in one transaction with the progress, then delete them (and park
         those that can never be sent). Returns how many rows left the outbox."""
         limit = RELAY_BATCH if not self._one_by_one_until else 1
+        unclaimed_commits = self._unclaimed_commits
+        query = select(OUTBOX).order_by(OUTBOX.c.id).limit(limit)
+        if self._claimed:
+            # Rows on their way from memory are not the sweep's.
+            query = query.where(OUTBOX.c.id.not_in(list(self._claimed)))
         async with conn.begin():
-            rows = (await conn.execute(select(OUTBOX).order_by(OUTBOX.c.id).limit(limit))).all()
+            rows = (await conn.execute(query)).all()
         if not rows:
             self._one_by_one_until = 0
             OUTBOX_BACKLOG.labels(self.service).set(0)
+            if not self.accepting and self._inflight == 0 and unclaimed_commits == self._unclaimed_commits:
+                # Nothing left behind, nothing being written: rows from now on come from memory.
+                self.accepting = True
             return 0
         if rows[0].id > self._one_by_one_until:
             self._one_by_one_until = 0
@@ -419,7 +562,7 @@ class OutboxRelay:
                     # send() appends to the producer's buffer in call order; awaiting the futures
                     # after all sends lets one batch fly while keeping the order within a partition.
                     futures.append(
-                        await producer.send(row.topic, value=row.value, key=row.key, headers=_headers(row.headers))
+                        await producer.send(row.topic, value=row.value, key=row.key, headers=_headers_of(row))
                     )
                 except (MessageSizeTooLargeError, ValueError, TypeError) as exc:
                     # Refused before it left this process (too large, malformed): the transaction

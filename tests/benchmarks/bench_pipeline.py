@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,8 @@ class Options:
     levels: tuple[int, ...] = LEVELS
     out: Path = RESULTS
     timeout: float = 300.0
+    # py-spy profiles (collapsed stacks) of every process during the rounds, written here.
+    profile: Path | None = None
 
 
 def libpq(url: str) -> str:
@@ -420,10 +423,12 @@ async def measure(bootstrap: str, systems: list[System], key: Ed25519PrivateKey,
     try:
         for s in systems:  # warm-up: connections, JIT-less caches, pools; not reported as a round
             await throughput_round(s, producer, key, opts.warmup, "warm-up", opts.timeout)
+        spies = start_profiles(systems, opts.profile) if opts.profile else []
         for r in range(opts.rounds):
             for s in systems:
                 s.rounds.append(await throughput_round(s, producer, key, opts.events, f"round {r + 1}", opts.timeout))
                 print(f"  {s.name} round {r + 1}: {s.rounds[-1]['end_to_end_per_s']:,.0f} events/s", flush=True)
+        stop_profiles(spies)
         for level in opts.levels:
             for s in systems:
                 rate = sustained(s) * level / 100
@@ -435,6 +440,27 @@ async def measure(bootstrap: str, systems: list[System], key: Ed25519PrivateKey,
         for s in systems:
             await s.outcomes.stop()
         await producer.stop()
+
+
+def start_profiles(systems: list[System], out: Path) -> list[subprocess.Popen[bytes]]:
+    out.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).parent / "py-spy"
+    return [
+        subprocess.Popen(
+            [str(spy), "record", "--pid", str(pid), "--format", "raw", "-o", str(out / f"{name}.txt"), "--rate", "200"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for s in systems
+        for name, pid in s.processes.items()
+    ]
+
+
+def stop_profiles(spies: list[subprocess.Popen[bytes]]) -> None:
+    for p in spies:
+        p.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for p in spies:
+        p.wait(60)
 
 
 def sustained(system: System) -> float:
@@ -468,14 +494,14 @@ def run_bench(bootstrap: str, admin_url: str, stack: Stack, keys: Path, opts: Op
     signed = asyncio.run(decisions_signed(bootstrap))
     logs = Path(tempfile.gettempdir()) / f"gputrace-bench-{run}"
     base, procs, base_db = start_baseline(bootstrap, admin_url, keys / "registry.json", run, signed, logs)
-    ours = System(
-        "gputrace",
-        PLEDGES_TOPIC,
-        Outcomes(bootstrap, OUTCOMES_TOPIC),
-        gputrace_ledger_count(stack.database_urls["ledger"]),
-        {n: p.proc.pid for n, p in stack.processes.items() if p.proc is not None},
-    )
     try:
+        ours = System(
+            "gputrace",
+            PLEDGES_TOPIC,
+            Outcomes(bootstrap, OUTCOMES_TOPIC),
+            gputrace_ledger_count(stack.database_urls["ledger"]),
+            {n: p.proc.pid for n, p in stack.processes.items() if p.proc is not None},
+        )
         asyncio.run(measure(bootstrap, [ours, base], key, opts))
     finally:
         stop_processes(procs)
@@ -601,8 +627,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--level-seconds", type=float, default=6.0, help="seconds of load per latency level")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--profile", type=Path, help="py-spy every process during the rounds, into this directory")
     args = parser.parse_args()
     opts = Options(args.events, args.warmup, max(1, args.rounds), args.level_seconds, LEVELS, args.out)
+    opts.profile = args.profile
     from tests.stack import start_stack  # the services' imports are heavy; only here
 
     work = Path(tempfile.mkdtemp(prefix="gputrace-bench-"))
