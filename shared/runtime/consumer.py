@@ -344,15 +344,29 @@ class BatchProcessor:
         self._internal_handler = internal_handler
         self._after_batch = after_batch
         self._prefetch = prefetch
+        # Decisions of the batch's last run by status, for its one INFO line (per event: DEBUG).
+        self._tally: dict[str, int] = {}
+
+    def _summarise(self, items: list[_Item], started: float, mode: str) -> None:
+        log.info(
+            "batch of %d records decided (%s) in %.1f ms: %s",
+            len(items),
+            mode,
+            (time.perf_counter() - started) * 1000,
+            ", ".join(f"{n} {status}" for status, n in sorted(self._tally.items())) or "no decisions",
+            extra={"service": self.service, "records": len(items), "decisions": dict(self._tally)},
+        )
 
     async def process(self, records: Sequence[ConsumerRecord]) -> None:
         """Decide a polled batch. Raises only for an outage (retry it) or RetryBatch (a record
         failed and has tries left); the subscriber then nacks, and the batch comes again."""
+        started = time.perf_counter()
         items = [self._read(record) for record in records]
         for record in records:
             EVENTS_CONSUMED.labels(self.service, record.topic).inc()
         try:
             await self._run(items, safe=False)
+            self._summarise(items, started, "one transaction")
             return
         except NeedsSafeMode as why:
             log.warning("batch of %d replayed record by record: %s", len(items), why)
@@ -363,6 +377,7 @@ class BatchProcessor:
             log.warning("batch of %d failed (%s); replayed record by record", len(items), _describe(exc))
         try:
             await self._run(items, safe=True)
+            self._summarise(items, started, "record by record")
             return
         except _RecordFailed as failed:
             await self._retry_later(failed.item, failed.error)
@@ -441,6 +456,7 @@ class BatchProcessor:
         return _Item(record, key, event=ev, received=got, party=party, authentic=authentic)
 
     async def _run(self, items: list[_Item], safe: bool, give_up: tuple[BaseException, int] | None = None) -> None:
+        self._tally = {}
         async with self._sessions() as session, session.begin():
             pending = Pending.attach(session)
             seen = await _already_processed(session, [i.key for i in items])
@@ -619,7 +635,10 @@ class BatchProcessor:
             ),
         )
         _mark(session, item.key, decision.decision_id)
-        log.info(
+        self._tally[decision.status] = self._tally.get(decision.status, 0) + 1
+        if not log.isEnabledFor(logging.DEBUG):
+            return  # one INFO line per batch instead (_summarise); building this one costs too
+        log.debug(
             "decided %s %s",
             decision.event_type,
             decision.status,
