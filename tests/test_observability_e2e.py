@@ -42,6 +42,18 @@ async def _log_line(stack: Stack, service: str, match: dict[str, object], timeou
         await asyncio.sleep(0.3)
 
 
+async def _batch_line(stack: Stack, service: str, event_id: str, timeout: float = 30) -> dict[str, object]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        text = stack.processes[service].log_path.read_text(errors="replace")
+        for doc in _json_lines(text):
+            if event_id in (doc.get("event_ids") or []):  # type: ignore[operator]
+                return doc
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no {service} batch line naming {event_id}")
+        await asyncio.sleep(0.3)
+
+
 async def test_trace_context_and_structured_logs_from_partner_to_ledger(
     partner: PartnerClient, outcomes: TopicWatcher, kafka_bootstrap: str, stack: Stack
 ) -> None:
@@ -72,10 +84,10 @@ async def test_trace_context_and_structured_logs_from_partner_to_ledger(
     assert (version, tid, flags) == ("00", trace_id, "01")
     assert child_span != span_id, "the service's span is a child of the partner's, not a copy"
 
-    # The pledges service logs the decision as JSON naming event and party; the ledger logs the
-    # append with its leaf index, under the same trace.
-    decided = await _log_line(stack, "pledges", {"event_id": event_id})
-    assert decided["party"] == "naver-cloud" and decided["level"] == "INFO"
+    # The pledges service logs each batch as one JSON line at INFO naming its events (the decision's
+    # own line is DEBUG); the ledger logs the append with its leaf index, under the same trace.
+    decided = await _batch_line(stack, "pledges", event_id)
+    assert decided["level"] == "INFO" and "accepted" in decided["decisions"]  # type: ignore[operator]
     appended = await _log_line(stack, "ledger", {"event_id": event_id})
     assert str(appended["traceparent"]).split("-")[1] == trace_id
     assert isinstance(appended["leaf_index"], int)

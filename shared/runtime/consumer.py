@@ -354,7 +354,13 @@ class BatchProcessor:
             mode,
             (time.perf_counter() - started) * 1000,
             ", ".join(f"{n} {status}" for status, n in sorted(self._tally.items())) or "no decisions",
-            extra={"service": self.service, "records": len(items), "decisions": dict(self._tally)},
+            extra={
+                "service": self.service,
+                "records": len(items),
+                "decisions": dict(self._tally),
+                # So an operator can still find an event's batch at INFO (its own line is DEBUG).
+                "event_ids": [i.event.id for i in items if i.event is not None],
+            },
         )
 
     async def process(self, records: Sequence[ConsumerRecord]) -> None:
