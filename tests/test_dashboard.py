@@ -261,7 +261,7 @@ async def test_the_page_shows_what_the_api_says(
 
     # (1) progress
     assert dom.number("gpus-pledged") == program["progress"]["gpus_pledged"] >= 1536
-    assert dom.text("target-gpus") == grouped(program["target_gpus"]) == "10,000"
+    assert dom.text("target-gpus") == grouped(program["target_gpus"]) == "260,000"
     assert dom.number("pledge-count") == program["pledges"]
     assert dom.number("gpus-model-B200") == program["gpus"]["B200"]
     assert dom.text("capital-pledged-KRW") == grouped(program["capital"]["KRW"])
@@ -333,7 +333,7 @@ async def test_a_partner_sees_why_the_log_is_not_for_it(stack: Stack, tokens: di
     assert "hidden" in dom.attrs("login")
     assert dom.text("checkpoint-size") == ""
     assert "may not read this (403" in dom.text("error-checkpoint")
-    assert dom.text("target-gpus") == "10,000", "the rest of the page still loads"
+    assert dom.text("target-gpus") == "260,000", "the rest of the page still loads"
     assert dom.attrs("page").get("data-state") == "partial"
 
 
