@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -127,32 +129,84 @@ async def _save_quote(session: AsyncSession, quote: domain.Quote) -> None:
     session.add(row)
 
 
-def _earmark(row: EarmarkRow) -> domain.Earmark:
+def _earmark(row: EarmarkRow | dict[str, Any]) -> domain.Earmark:
+    v = row if isinstance(row, dict) else {c: getattr(row, c) for c in EARMARK_COLUMNS}
     return domain.Earmark(
-        pledge_id=row.pledge_id,
-        partner_id=row.partner_id,
-        version=row.version,
-        kind=row.kind,
-        status=row.status,
-        batch_id=row.earmark_batch_id,
-        capital=Money.model_validate({"amount": row.amount, "currency": row.currency}) if row.amount else None,
+        pledge_id=v["pledge_id"],
+        partner_id=v["partner_id"],
+        version=v["version"],
+        kind=v["kind"],
+        status=v["status"],
+        batch_id=v["earmark_batch_id"],
+        capital=Money.model_validate({"amount": v["amount"], "currency": v["currency"]}) if v["amount"] else None,
     )
+
+
+EARMARK_COLUMNS = [c.name for c in EarmarkRow.__table__.columns]  # type: ignore[attr-defined]
+# The batch's earmark rows by pledge id, written in one upsert at its end (flush_earmarks): every
+# pledge decision changes one, and an ORM object per event was most of this service's CPU.
+_EARMARKS = "quotes.earmarks"
+
+
+def _earmark_buffer(session: AsyncSession) -> dict[str, dict[str, Any]] | None:
+    """The fast path's buffer; None in safe mode (no aggregate cache), where each record's
+    savepoint must be able to undo its row, so rows go through the ORM as before."""
+    if aggregates.cache_of(session) is None:
+        return None
+    buffer: dict[str, dict[str, Any]] = session.info.setdefault(_EARMARKS, {})
+    return buffer
+
+
+def _earmark_values(m: domain.Earmark) -> dict[str, Any]:
+    return {
+        "pledge_id": m.pledge_id,
+        "partner_id": m.partner_id,
+        "version": m.version,
+        "kind": m.kind,
+        "status": m.status,
+        "earmark_batch_id": m.batch_id if m.batch_id is None or len(m.batch_id) <= BATCH_ID_MAX else None,
+        "amount": str(domain.plain(m.capital.amount)) if m.capital else None,
+        "currency": m.capital.currency if m.capital else None,
+    }
 
 
 async def _earmarks_for(session: AsyncSession, batch_id: str) -> list[domain.Earmark]:
     rows = (await session.exec(select(EarmarkRow).where(EarmarkRow.earmark_batch_id == batch_id))).all()
-    return [_earmark(r) for r in rows]
+    found = {r.pledge_id: _earmark(r) for r in rows}
+    # This batch's earmarks, not written yet, override what the table says.
+    for pledge_id, values in (session.info.get(_EARMARKS) or {}).items():
+        if values["earmark_batch_id"] == batch_id:
+            found[pledge_id] = _earmark(values)
+        else:
+            found.pop(pledge_id, None)
+    return list(found.values())
 
 
 async def _save_earmark(session: AsyncSession, m: domain.Earmark) -> None:
-    row = await aggregates.get(session, EarmarkRow, m.pledge_id) or EarmarkRow(
-        pledge_id=m.pledge_id, partner_id=m.partner_id, version=m.version, kind=m.kind, status=m.status
-    )
-    row.partner_id, row.version, row.kind, row.status = m.partner_id, m.version, m.kind, m.status
-    row.earmark_batch_id = m.batch_id if m.batch_id is None or len(m.batch_id) <= BATCH_ID_MAX else None
-    row.amount = str(domain.plain(m.capital.amount)) if m.capital else None
-    row.currency = m.capital.currency if m.capital else None
+    values = _earmark_values(m)
+    buffer = _earmark_buffer(session)
+    if buffer is not None:
+        buffer[m.pledge_id] = values
+        return
+    row = await aggregates.get(session, EarmarkRow, m.pledge_id) or EarmarkRow(**values)
+    for column, value in values.items():
+        setattr(row, column, value)
     session.add(row)
+
+
+async def flush_earmarks(session: AsyncSession) -> None:
+    """The batch's earmarks in one INSERT ... ON CONFLICT DO UPDATE, in its transaction."""
+    buffer = session.info.pop(_EARMARKS, None)
+    if not buffer:
+        return
+    table = EarmarkRow.__table__  # type: ignore[attr-defined]
+    bind = session.bind
+    insert = pg_insert if bind is not None and bind.dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["pledge_id"], set_={c: stmt.excluded[c] for c in EARMARK_COLUMNS if c != "pledge_id"}
+    )
+    await session.execute(stmt, list(buffer.values()))
 
 
 def _batch_facts(batch: domain.Batch, quotes: list[domain.Quote]) -> dict[str, Any]:
@@ -257,7 +311,8 @@ async def on_decision(session: AsyncSession, event: CloudEvent, decision: Decisi
     if decision.service != "pledges" or decision.status != "accepted" or PLEDGE not in decision.facts:
         return
     incoming = domain.Earmark.from_pledge(PledgeFacts.model_validate(decision.facts[PLEDGE]))
-    row = await aggregates.get(session, EarmarkRow, incoming.pledge_id)
+    buffered = (session.info.get(_EARMARKS) or {}).get(incoming.pledge_id)
+    row = buffered or await aggregates.get(session, EarmarkRow, incoming.pledge_id)
     kept = domain.track_pledge(_earmark(row) if row else None, incoming)
     if kept is not None:
         await _save_earmark(session, kept)
@@ -290,6 +345,7 @@ def build() -> Service:
         partner_handlers=HANDLERS,
         internal_handler=on_decision,
         prefetch=prefetch,
+        after_batch=flush_earmarks,
     )
 
 
