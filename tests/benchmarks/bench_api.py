@@ -222,6 +222,16 @@ def load(url: str, log_size: int, pledges: int, batches: int, key: Ed25519Privat
     return Loaded(log_size, sample, batch_ids, pledge_ids, time.monotonic() - started)
 
 
+def loaded_from(url: str) -> Loaded:
+    """What `load` returns, read back from a database it filled earlier (--database)."""
+    with psycopg.connect(url) as conn:
+        size = conn.execute("SELECT size FROM log_head WHERE id = 1").fetchone()[0]  # type: ignore[index]
+        hashes = [bytes(h) for (h,) in conn.execute("SELECT leaf_hash FROM log_entries WHERE leaf_index % 997 = 0")]
+        batches = [b for (b,) in conn.execute("SELECT batch_id FROM view_batches ORDER BY batch_id")]
+        pledges = [p for (p,) in conn.execute("SELECT pledge_id FROM view_pledges ORDER BY pledge_id")]
+    return Loaded(size, hashes, batches, pledges, 0.0)
+
+
 def _fill_totals(url: str) -> None:
     """The running totals from the loaded views (as the ledger's start-up backfill does)."""
     from services.ledger.projections import backfill
@@ -516,27 +526,28 @@ def write_results(report: dict[str, Any], out: Path) -> None:
     (out / "api.md").write_text("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--log-entries", type=int, default=1_000_000)
-    ap.add_argument("--pledges", type=int, default=100_000)
-    ap.add_argument("--batches", type=int, default=10_000)
-    ap.add_argument("--clients", type=int, default=50)
-    ap.add_argument("--client-procs", type=int, default=4, help="processes the clients are spread over")
-    ap.add_argument("--requests", type=int, default=2000, help="per endpoint, after the warm-up")
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--api-pool", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--keep", action="store_true", help="keep the database")
-    ap.add_argument("--py-spy", type=Path, help="profile the server with py-spy into this file (collapsed stacks)")
-    ap.add_argument("--only", help="measure only the endpoints whose name contains this")
-    opts = ap.parse_args(argv)
-    from tests.infra import (
-        LocalPostgres,
-        kafka_and_postgres,  # noqa: F401  (the shared helper; only its PostgreSQL is used)
-    )
+def measure_server(url: str, work: Path, loaded: Loaded, opts: argparse.Namespace) -> dict[str, Any]:
+    with ledger_server(url, work, opts.api_pool) as (base, token, server):
+        spy = None
+        if opts.py_spy:
+            # Where the server's time goes, sampled over the whole run (collapsed stacks).
+            spy_bin = str(Path(sys.executable).parent / "py-spy")
+            spy_args = ["record", "--pid", str(server.pid), "--format", "raw", "--rate", "200"]
+            spy = subprocess.Popen(
+                [spy_bin, *spy_args, "-o", str(opts.py_spy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        try:
+            return asyncio.run(run_clients(base, token, loaded, opts))
+        finally:
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(30)
 
-    work = Path(tempfile.mkdtemp(prefix="gputrace-bench-api-"))
+
+def load_and_measure(work: Path, opts: argparse.Namespace) -> tuple[Loaded, dict[str, Any]]:
+    from shared.contract.parties import write_private_key
+    from tests.infra import LocalPostgres
+
     admin = os.environ.get("DATABASE_URL")
     pg = None
     if not admin:
@@ -549,44 +560,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             create_tables(url)
             key = Ed25519PrivateKey.generate()
             (work / "keys").mkdir(parents=True, exist_ok=True)
-            from shared.contract.parties import write_private_key
-
             write_private_key(work / "keys" / "ledger.key", key)
-            print(
-                f"loading {opts.log_entries:,} entries, {opts.pledges:,} pledges, {opts.batches:,} batches", flush=True
-            )
+            sizes = f"{opts.log_entries:,} entries, {opts.pledges:,} pledges, {opts.batches:,} batches"
+            print(f"loading {sizes}", flush=True)
             loaded = load(url, opts.log_entries, opts.pledges, opts.batches, key)
             print(f"loaded in {loaded.seconds:.1f} s", flush=True)
-            with ledger_server(url, work, opts.api_pool) as (base, token, server):
-                spy = None
-                if opts.py_spy:
-                    # Where the server's time goes, sampled over the whole run (collapsed stacks).
-                    spy_bin = str(Path(sys.executable).parent / "py-spy")
-                    spy_args = ["record", "--pid", str(server.pid), "--format", "raw", "--rate", "200"]
-                    spy = subprocess.Popen(
-                        [spy_bin, *spy_args, "-o", str(opts.py_spy)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                try:
-                    results = asyncio.run(run_clients(base, token, loaded, opts))
-                finally:
-                    if spy is not None:
-                        spy.send_signal(2)
-                        spy.wait(30)
+            return loaded, measure_server(url, work, loaded, opts)
         finally:
-            if not opts.keep:
+            if opts.keep:
+                print(f"kept: --database {url}", flush=True)
+            else:
                 drop_database(admin, url)
     finally:
-        if pg is not None:
+        if pg is not None and not opts.keep:
             pg.stop()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--log-entries", type=int, default=1_000_000)
+    ap.add_argument("--pledges", type=int, default=100_000)
+    ap.add_argument("--batches", type=int, default=10_000)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--client-procs", type=int, default=4, help="processes the clients are spread over")
+    ap.add_argument("--requests", type=int, default=2000, help="per endpoint, after the warm-up")
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--api-pool", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--keep", action="store_true", help="keep the database")
+    ap.add_argument("--database", help="a database an earlier --keep run loaded (libpq URL): measure only")
+    ap.add_argument("--py-spy", type=Path, help="profile the server with py-spy into this file (collapsed stacks)")
+    ap.add_argument("--only", help="measure only the endpoints whose name contains this")
+    opts = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="gputrace-bench-api-"))
+    if opts.database:
+        loaded = loaded_from(opts.database)
+        print(f"measuring an existing ledger of {loaded.log_size:,} entries", flush=True)
+        results = measure_server(opts.database, work, loaded, opts)
+    else:
+        loaded, results = load_and_measure(work, opts)
     report = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m tests.benchmarks.bench_api " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "log_entries": opts.log_entries,
-        "pledges": opts.pledges,
-        "batches": opts.batches,
+        "log_entries": loaded.log_size,
+        "pledges": len(loaded.pledge_ids),
+        "batches": len(loaded.batch_ids),
         "clients": opts.clients,
         "requests": opts.requests,
         "warmup": opts.warmup,
