@@ -21,6 +21,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import signal
 import time
 import uuid
@@ -245,6 +246,11 @@ def main() -> None:
     parser.add_argument("--sign-decisions", action="store_true")
     args = parser.parse_args()
     run = decide if args.role == "decide" else append
+    if os.environ.get("KAFKA_CREDENTIALS_DIR"):
+        # A secured broker started by the bench: speak as its admin, as the bench itself does.
+        from tests.infra import speak_as_admin
+
+        speak_as_admin(Path(os.environ["KAFKA_CREDENTIALS_DIR"]))
 
     async def serve() -> None:
         task = asyncio.create_task(run(args))
