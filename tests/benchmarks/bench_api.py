@@ -483,12 +483,14 @@ def write_results(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "api.json").write_text(json.dumps(report, indent=2) + "\n")
     conc, seq = report["results"]["concurrent"], report["results"]["sequential"]
+    seconds = report["load_seconds"]
+    loaded_how = f"bulk-loaded in {seconds:.0f} s" if seconds else "bulk-loaded by an earlier --keep run"
     health = conc["/healthz"]["p99_ms"]
     lines = [
         f"# Auditor API at {report['clients']} concurrent clients ({report['started']})",
         "",
         f"Ledger: {report['log_entries']:,} log entries, {report['pledges']:,} pledges, {report['batches']:,} "
-        f"batches (bulk-loaded, {report['load_seconds']:.0f} s; no ANALYZE). Server: the ledger app, one uvicorn "
+        f"batches ({loaded_how}; no ANALYZE). Server: the ledger app, one uvicorn "
         f"process, API pool {report['api_pool']}; clients: httpx in {report['client_procs']} processes, "
         f"{report['requests']} requests per endpoint "
         f"after {report['warmup']} warm-up. Machine: {report['machine']}, load average {report['load_average']} "
