@@ -161,6 +161,8 @@ def test_ocdsmerge_compiles_every_ocid(exports: tuple[dict[str, Any], dict[str, 
     assert compiled["tag"] == ["compiled"]
     assert compiled["awards"][0]["suppliers"] == [{"id": "nvidia-partner-kr", "name": "nvidia-partner-kr"}]
     assert len(compiled["bids"]["details"]) == 2
+    tender = compiled["tender"]
+    assert (tender["procurementMethod"], tender["numberOfTenderers"]) == ("selective", 2), "what red-flag tools read"
     roles = {p["id"]: p["roles"] for p in compiled["parties"]}
     assert roles["nvidia-partner-kr"] == ["tenderer", "supplier"] and roles["supermicro-apac"] == ["tenderer"]
     milestones = compiled["contracts"][0]["implementation"]["milestones"]

@@ -82,6 +82,9 @@ def ocds_package(batch_id: str, entries: list[dict[str, Any]], publisher: str) -
                 "id": batch_id,
                 "title": f"{d['quantity']} × {d['model']} for {d['site_id']}",
                 "status": "active",
+                # Only the programme's registered vendors may quote (OCDS: "only qualified suppliers").
+                "procurementMethod": "selective",
+                "procurementMethodDetails": "Quotes from registered vendors",
                 "items": [
                     {
                         "id": "1",
@@ -117,6 +120,8 @@ def ocds_package(batch_id: str, entries: list[dict[str, Any]], publisher: str) -
         release(
             e,
             "award",
+            # Red-flag tools (e.g. OCDS Cardinal's single-bidder R018) read the count from here.
+            tender={"id": batch_id, "numberOfTenderers": len({t["id"] for b in bids for t in b["tenderers"]})},
             bids={"details": bids},
             awards=[
                 {
