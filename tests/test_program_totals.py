@@ -7,16 +7,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.ledger.auth import write_dev_tokens
 from services.ledger.batches import AnomalyView, BatchView
 from services.ledger.log import LOG_TABLES
+from services.ledger.main import create_app
 from services.ledger.projections import (
     PROJECTION_TABLES,
     PledgeView,
@@ -28,7 +32,10 @@ from services.ledger.projections import (
     stored_totals,
 )
 from shared.contract.decisions import Decision
+from shared.contract.parties import write_private_key
 from shared.runtime.db import create_tables, make_engine, session_factory
+from shared.runtime.settings import Settings
+from tools.devkeys import DEV_PARTIES, generate_dev_registry
 
 PROGRAM = "KR-TOTALS"
 
@@ -187,3 +194,25 @@ async def test_statistics_are_refreshed_as_the_log_grows(engine: AsyncEngine) ->
             text("SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'log_entries'")
         )
         assert analysed
+
+
+def test_the_api_reads_through_its_own_pool(tmp_path: Path, postgres_url: str) -> None:
+    """The auditors' queries never take a connection from the consumer's pool, nor it from theirs."""
+    keys = tmp_path / "keys"
+    generate_dev_registry(keys)
+    write_private_key(keys / "ledger.key", Ed25519PrivateKey.generate())
+    write_dev_tokens(keys / "tokens.json", [p for p, _, _ in DEV_PARTIES])
+    settings = Settings(
+        database_url=postgres_url,
+        party_registry=keys / "registry.json",
+        ledger_signing_key=keys / "ledger.key",
+        api_tokens=keys / "tokens.json",
+        var_dir=tmp_path / "var",
+        api_db_pool_size=7,
+    )
+    app = create_app(settings, consume=False)
+    api_engine = app.state.sessions.kw["bind"]
+    consumer_engine = app.state.service.engine
+    assert api_engine is not consumer_engine and api_engine.pool is not consumer_engine.pool
+    assert api_engine.pool.size() == 7 and consumer_engine.pool.size() == 5
+    assert app.state.service.sessions.kw["bind"] is consumer_engine, "the consumer keeps its own"
