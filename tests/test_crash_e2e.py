@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.chaos import (
@@ -138,12 +139,21 @@ async def test_the_broker_killed_mid_stream(
 
 
 async def test_postgres_killed_mid_stream(
-    local_postgres: LocalPostgres | None, crash_mid_stream: Callable[[Crash], Awaitable[None]]
+    local_postgres: LocalPostgres | None,
+    crash_mid_stream: Callable[[Crash], Awaitable[None]],
+    stack: Stack,
+    tokens: dict[str, str],
 ) -> None:
     if local_postgres is None:
         pytest.skip("the database server is not ours to kill (external PostgreSQL)")
 
     async def crash() -> None:
+        # Auditors were reading when the database died: the API's pool holds connections that
+        # the restart kills, and the audit after it must still be answered (not a 500).
+        headers = {"Authorization": f"Bearer {tokens['auditor']}"}
+        async with httpx.AsyncClient(base_url=stack.api_url, headers=headers, timeout=30) as client:
+            answers = await asyncio.gather(*(client.get("/v1/log/checkpoint") for _ in range(20)))
+        assert all(a.status_code == 200 for a in answers)
         local_postgres.kill()
         await asyncio.sleep(3)
         await asyncio.to_thread(local_postgres.start)

@@ -106,11 +106,15 @@ def make_engine(url: str, pool_size: int = 5, reader: bool = False) -> AsyncEngi
         return engine
     if reader:
         # Reads only: autocommit spares each request its BEGIN and ROLLBACK round trips (PostgreSQL's
-        # READ COMMITTED gives each statement its own snapshot either way), and no pre-ping (one
-        # more round trip per request): after a database restart one request fails and the pool
-        # is invalidated, and connections are recycled every five minutes.
+        # READ COMMITTED gives each statement its own snapshot either way). Pre-ping stays: without
+        # it the first requests after a database restart answer 500 on dead pooled connections.
         return create_async_engine(
-            url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=300, isolation_level="AUTOCOMMIT"
+            url,
+            pool_pre_ping=True,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_recycle=300,
+            isolation_level="AUTOCOMMIT",
         )
     return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
 
