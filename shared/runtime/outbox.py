@@ -40,7 +40,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -471,13 +471,8 @@ class OutboxRelay:
         try:
             sent, parked = await self._publish(producer, rows)
         except RECORD_REFUSED as exc:
-            # As in _round; the claims are dropped, so the sweep takes these rows from the table.
-            if len(rows) == 1:
-                await self._settle(conn, [], [(rows[0], _reason(exc))])
-            else:
-                log.warning("the broker refused a record of this round (%s); sending its rows one by one", exc)
-                self._one_by_one_until = rows[-1].id
-            raise _ProducerSpoiled from exc
+            # The claims are dropped, so the sweep takes these rows from the table.
+            await self._refused(conn, rows, exc)
         await self._settle(conn, sent, parked)
         self._claimed.difference_update(r.id for r in rows)
         self.published_from_memory += len(sent)
@@ -538,17 +533,21 @@ class OutboxRelay:
         try:
             sent, parked = await self._publish(producer, rows)
         except RECORD_REFUSED as exc:
-            # The transaction was aborted: nothing of it is visible. Alone, the row is the culprit;
-            # in a group, find it by sending the group's rows one per transaction.
-            if len(rows) == 1:
-                await self._settle(conn, [], [(rows[0], _reason(exc))])
-            else:
-                log.warning("the broker refused a record of this round (%s); sending its rows one by one", exc)
-                self._one_by_one_until = rows[-1].id
-            raise _ProducerSpoiled from exc
+            await self._refused(conn, rows, exc)
         await self._settle(conn, sent, parked)
         OUTBOX_BACKLOG.labels(self.service).set(0 if len(rows) < RELAY_BATCH else len(rows))
         return len(rows)
+
+    async def _refused(self, conn: AsyncConnection, rows: Sequence[Row[Any]], exc: BaseException) -> NoReturn:
+        """The broker refused a record and the transaction was aborted: nothing of it is visible.
+        Alone, the row is the culprit (parked); in a group, find it by sending the group's rows one
+        per transaction."""
+        if len(rows) == 1:
+            await self._settle(conn, [], [(rows[0], _reason(exc))])
+        else:
+            log.warning("the broker refused a record of this round (%s); sending its rows one by one", exc)
+            self._one_by_one_until = rows[-1].id
+        raise _ProducerSpoiled from exc
 
     async def _publish(
         self, producer: AIOKafkaProducer, rows: Sequence[Row[Any]]
