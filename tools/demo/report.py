@@ -95,7 +95,13 @@ def print_report(console: Console, report: DemoReport, cfg: DemoConfig) -> None:
     console.print(f"  API docs   {api}/docs   (Authorization: Bearer <auditor token>)")
     console.print(f"  dashboard  {api}/")
     console.print(f"  batches    {api}/v1/batches?program_id={report.programme.program_id}")
-    console.print(f"  verify     gputrace audit --url {api} --token {token} --tofu verify", soft_wrap=True)
+    # The full audit: the log's checkpoint, every entry's service signature, the witness's cosignature.
+    keys = cfg.keys_dir
+    extra = f" --service-keys {keys / 'registry.json'}" if (keys / "registry.json").exists() else ""
+    witness = f" --witness {keys / 'witness.vkey'}" if (keys / "witness.vkey").exists() else ""
+    console.print(
+        f"  verify     gputrace audit --url {api} --token {token} --tofu{extra} verify{witness}", soft_wrap=True
+    )
     source = "--token" if cfg.token else f"{cfg.keys_dir / 'tokens.dev.json'} (auditor)"
     console.print(f"  auditor token: {source}")
 
