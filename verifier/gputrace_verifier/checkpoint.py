@@ -136,45 +136,47 @@ def _raw_public(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
-    """signed-note key ID: SHA-256(key name || 0x0A || 0x01 || 32-byte public key)[:4]."""
+def key_id(name: str, public_key: Ed25519PublicKey, sig_type: int = SIG_TYPE_ED25519) -> bytes:
+    """signed-note key ID: SHA-256(key name || 0x0A || type byte || 32-byte public key)[:4]
+    (type 0x01 a log's Ed25519 key, 0x04 a witness's cosignature/v1 key)."""
     _check_key_name(name)
-    material = name.encode("utf-8") + b"\n" + bytes([SIG_TYPE_ED25519]) + _raw_public(public_key)
+    material = name.encode("utf-8") + b"\n" + bytes([sig_type]) + _raw_public(public_key)
     return hashlib.sha256(material).digest()[:4]
 
 
-def make_vkey(name: str, public_key: Ed25519PublicKey) -> str:
-    """Verifier key string `<name>+<hex key id>+<base64(0x01 || public key)>` (Go note format)."""
-    encoded = base64.b64encode(bytes([SIG_TYPE_ED25519]) + _raw_public(public_key)).decode("ascii")
-    return f"{name}+{key_id(name, public_key).hex()}+{encoded}"
+def make_vkey(name: str, public_key: Ed25519PublicKey, sig_type: int = SIG_TYPE_ED25519) -> str:
+    """Verifier key string `<name>+<hex key id>+<base64(type byte || public key)>` (Go note format)."""
+    encoded = base64.b64encode(bytes([sig_type]) + _raw_public(public_key)).decode("ascii")
+    return f"{name}+{key_id(name, public_key, sig_type).hex()}+{encoded}"
 
 
-def parse_vkey(vkey: str) -> tuple[str, Ed25519PublicKey]:
-    """Inverse of make_vkey; checks the key id against the key, as Go's NewVerifier does."""
+def parse_vkey(vkey: str, sig_type: int = SIG_TYPE_ED25519, what: str = "verifier key") -> tuple[str, Ed25519PublicKey]:
+    """Inverse of make_vkey; checks the key id against the key, as Go's NewVerifier does. Only
+    `sig_type` is accepted: a log key (0x01) is never a witness key (0x04), nor the reverse."""
     if not isinstance(vkey, str):
-        raise CheckpointError("bad verifier key: not a string")
+        raise CheckpointError(f"bad {what}: not a string")
     # Split twice only: the base64 key itself may contain '+'.
-    parts = vkey.split("+", 2)
+    parts = vkey.strip().split("+", 2)
     if len(parts) != 3:
-        raise CheckpointError("bad verifier key: expected <name>+<hex key id>+<base64 key>")
+        raise CheckpointError(f"bad {what}: expected <name>+<hex key id>+<base64 key>")
     name, hex_id, encoded = parts
     try:
         _check_key_name(name)
     except CheckpointError as e:
-        raise CheckpointError(f"bad verifier key: {e}") from None
+        raise CheckpointError(f"bad {what}: {e}") from None
     if not _HEX_KEY_ID.fullmatch(hex_id):
-        raise CheckpointError("bad verifier key: key id is not 8 hex digits")
+        raise CheckpointError(f"bad {what}: key id is not 8 hex digits")
     try:
         raw = base64.b64decode(encoded, validate=True)
     except binascii.Error:
-        raise CheckpointError("bad verifier key: key is not standard base64") from None
+        raise CheckpointError(f"bad {what}: key is not standard base64") from None
     if len(raw) != 1 + 32:
-        raise CheckpointError("bad verifier key: key must be 33 bytes (type byte + Ed25519 key)")
-    if raw[0] != SIG_TYPE_ED25519:
-        raise CheckpointError(f"bad verifier key: unsupported signature type 0x{raw[0]:02x} (only Ed25519)")
+        raise CheckpointError(f"bad {what}: key must be 33 bytes (type byte + Ed25519 key)")
+    if raw[0] != sig_type:
+        raise CheckpointError(f"bad {what}: unsupported signature type 0x{raw[0]:02x} (expected 0x{sig_type:02x})")
     public_key = Ed25519PublicKey.from_public_bytes(raw[1:])
-    if key_id(name, public_key) != bytes.fromhex(hex_id):
-        raise CheckpointError("bad verifier key: key id does not match the name and key")
+    if key_id(name, public_key, sig_type) != bytes.fromhex(hex_id):
+        raise CheckpointError(f"bad {what}: key id does not match the name and key")
     return name, public_key
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 import struct
 from collections.abc import Sequence
@@ -25,14 +24,15 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gputrace_verifier.checkpoint import (
     ED25519_SIG_SIZE,
     SIG_PREFIX,
     CheckpointError,
-    _check_key_name,
     _split_note,
+    key_id,
+    make_vkey,
+    parse_vkey,
 )
 
 __all__ = [
@@ -52,50 +52,24 @@ __all__ = [
 SIG_TYPE_COSIGNATURE_V1 = 0x04
 MAX_TIMESTAMP = 2**63 - 1  # tlog-cosignature: the timestamp MUST NOT exceed 2^63 - 1
 MAX_PROOF_LINES = 63  # tlog-witness: a client MUST NOT send more
-_HEX_KEY_ID = re.compile(r"[0-9a-fA-F]{8}")
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 
 Witness = tuple[str, Ed25519PublicKey]
 
 
-def _raw(public_key: Ed25519PublicKey) -> bytes:
-    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
 def cosigner_key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
     """SHA-256(name || 0x0A || 0x04 || 32-byte public key)[:4]."""
-    _check_key_name(name)
-    material = name.encode("utf-8") + b"\n" + bytes([SIG_TYPE_COSIGNATURE_V1]) + _raw(public_key)
-    return hashlib.sha256(material).digest()[:4]
+    return key_id(name, public_key, SIG_TYPE_COSIGNATURE_V1)
 
 
 def make_witness_vkey(name: str, public_key: Ed25519PublicKey) -> str:
-    encoded = base64.b64encode(bytes([SIG_TYPE_COSIGNATURE_V1]) + _raw(public_key)).decode("ascii")
-    return f"{name}+{cosigner_key_id(name, public_key).hex()}+{encoded}"
+    return make_vkey(name, public_key, SIG_TYPE_COSIGNATURE_V1)
 
 
 def parse_witness_vkey(vkey: str) -> Witness:
     """Inverse of make_witness_vkey. Only type 0x04: a log key (0x01) is not a witness key, and
     accepting one would let a log's own signature pass for a witness's."""
-    if not isinstance(vkey, str):
-        raise CheckpointError("bad witness key: not a string")
-    parts = vkey.strip().split("+", 2)
-    if len(parts) != 3:
-        raise CheckpointError("bad witness key: expected <name>+<hex key id>+<base64 key>")
-    name, hex_id, encoded = parts
-    try:
-        _check_key_name(name)
-        raw = base64.b64decode(encoded, validate=True)
-    except (CheckpointError, binascii.Error) as e:
-        raise CheckpointError(f"bad witness key: {e}") from None
-    if not _HEX_KEY_ID.fullmatch(hex_id):
-        raise CheckpointError("bad witness key: key id is not 8 hex digits")
-    if len(raw) != 33 or raw[0] != SIG_TYPE_COSIGNATURE_V1:
-        raise CheckpointError("bad witness key: expected 0x04 (cosignature/v1) followed by a 32-byte Ed25519 key")
-    public_key = Ed25519PublicKey.from_public_bytes(raw[1:])
-    if cosigner_key_id(name, public_key) != bytes.fromhex(hex_id):
-        raise CheckpointError("bad witness key: key id does not match the name and key")
-    return name, public_key
+    return parse_vkey(vkey, SIG_TYPE_COSIGNATURE_V1, "witness key")
 
 
 def cosignature_message(text: str, timestamp: int) -> bytes:
