@@ -451,14 +451,9 @@ def corpus(f: Forge, tag: str) -> list[Case]:
     # One outcome, the first content's: a second (source, id) is a redelivery, not a new event.
     case("same-id-new-content", same_id_new_content, Outcome("accepted"), follow="amend", ledger_has='"amount":"11"')
     case("subject-not-data", lambda p: commit(p, subject=f"{p}-other"), Outcome("rejected", "SUBJECT_MISMATCH"))
-    # The key is not signed and only places the record; the contract asks key = subject. An event
-    # keyed otherwise is still the event it signs (accepted), or refused for the mismatch.
-    case(
-        "key-not-subject",
-        lambda p: commit(p, pledge(f"{p}-x")),
-        Outcome("accepted"),
-        Outcome("rejected", "SUBJECT_MISMATCH"),
-    )
+    # The key is not signed but places the record (its partition, so the replica deciding it): an
+    # event keyed otherwise than its aggregate is refused (tests/test_key_mismatch_e2e.py).
+    case("key-not-subject", lambda p: commit(p, pledge(f"{p}-x")), Outcome("rejected", "KEY_MISMATCH"))
 
     # Contract values.
     case("year-9999", lambda p: commit(p, pledge(p, committed_at="9999-01-01T00:00:00Z")), schema)

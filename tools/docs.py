@@ -61,6 +61,8 @@ REASON_MEANINGS: dict[ReasonCode, str] = {
     ReasonCode.UNKNOWN_PARTY: "`ce_source` names no registered party (it must be `urn:gputrace:party:` + your id).",
     ReasonCode.NOT_AUTHORIZED: "The party lacks the role for this type, or speaks for another party or its object.",
     ReasonCode.SUBJECT_MISMATCH: "`ce_subject` is not the aggregate id named in `data`.",
+    ReasonCode.KEY_MISMATCH: "The Kafka record key is not the aggregate id named in `data` (the table in §3): "
+    "the key decides the partition, so the event is refused rather than decided out of its aggregate's order.",
     ReasonCode.UNKNOWN_PLEDGE: "No pledge with this `pledge_id`.",
     ReasonCode.DUPLICATE_PLEDGE: "A pledge with this `pledge_id` already exists.",
     ReasonCode.PLEDGE_WITHDRAWN: "The pledge was withdrawn; it cannot change any more.",

@@ -276,6 +276,8 @@ class _Item:
     unreadable: str | None = None
     party: RegisteredParty | None = None
     authentic: bool = False
+    # Why the record key is not the event's aggregate id (KEY_MISMATCH), or None.
+    misplaced: str | None = None
 
     @property
     def position(self) -> str:
@@ -456,10 +458,12 @@ class BatchProcessor:
         party = self._registry.by_source(ev.source) if self._registry else None
         # An event beyond the limits is not signature-checked: RFC 8785 cannot even serialise it.
         authentic = got.problem is None and party is not None and ev.verify(party.public_key)
-        # An unauthenticated record must not claim the id of a genuine one: its idempotency key
-        # includes a digest of its bytes, so a forgery never shadows the real event.
-        key = _key(ev.source, ev.id if authentic else f"{ev.id}#{_digest(record)}")
-        return _Item(record, key, event=ev, received=got, party=party, authentic=authentic)
+        # The key places the record (partition, so replica) but is not signed: a misplaced copy
+        # of a genuine event is refused (KEY_MISMATCH) and, like an unauthenticated record, keyed
+        # for idempotency by a digest of its bytes, so it never shadows the real event.
+        misplaced = _misplaced(record, ev)
+        key = _key(ev.source, ev.id if authentic and misplaced is None else f"{ev.id}#{_digest(record)}")
+        return _Item(record, key, event=ev, received=got, party=party, authentic=authentic, misplaced=misplaced)
 
     async def _run(self, items: list[_Item], safe: bool, give_up: tuple[BaseException, int] | None = None) -> None:
         self._tally = {}
@@ -577,7 +581,7 @@ class BatchProcessor:
     async def _partner(self, session: AsyncSession, item: _Item, watch: _Watch, safe: bool) -> None:
         record, event, party = item.record, item.event, item.party
         assert event is not None
-        verdict, inbound = self._admit(record, event, party, item.authentic, item.received)
+        verdict, inbound = self._admit(record, event, party, item.authentic, item.received, item.misplaced)
         if inbound is not None:
             handler = self._partner_handlers.get(inbound.spec.type)
             if handler is None:
@@ -664,6 +668,7 @@ class BatchProcessor:
         party: RegisteredParty | None,
         authentic: bool,
         received: Received | None = None,
+        misplaced: str | None = None,
     ) -> tuple[Verdict | None, Inbound | None]:
         """The checks every partner event passes before any domain rule (docs/partner-contract.md)."""
         if received is not None and received.problem is not None:
@@ -705,6 +710,9 @@ class BatchProcessor:
                 reason_code=ReasonCode.SUBJECT_MISMATCH,
                 message=f"ce_subject {event.subject!r} is not the {spec.aggregate_field} {aggregate!r}",
             ), None
+        if misplaced is not None:
+            # Another partition than the aggregate's: two replicas could decide its events at once.
+            return Rejected(reason_code=ReasonCode.KEY_MISMATCH, message=misplaced), None
         return None, Inbound(event=event, party=party, spec=spec, data=data)
 
     # --- decisions of other services ------------------------------------------------------
@@ -852,6 +860,18 @@ def _digest(record: ConsumerRecord) -> str:
     for k, v in record.headers:
         h.update(str(k).encode("utf-8", "surrogatepass") + b"\0" + (v or b"") + b"\0")
     return h.hexdigest()[:16]
+
+
+def _misplaced(record: ConsumerRecord, event: CloudEvent) -> str | None:
+    """Why the record key is not the aggregate id named in the event's data (the contract's key,
+    docs/partner-contract.md §2), or None; None too when the type or the id is unknown or not a
+    string (UNKNOWN_TYPE or SCHEMA_INVALID decide those)."""
+    spec = EVENTS.get(event.type)
+    aggregate = event.data.get(spec.aggregate_field) if spec else None
+    if spec is None or not isinstance(aggregate, str) or record.key == aggregate.encode():
+        return None
+    key = "missing" if record.key is None else repr(fit(printable(record.key.decode("utf-8", "replace")), 200))
+    return f"the record key ({key}) is not the {spec.aggregate_field} {fit(aggregate, 200)!r}"
 
 
 def _guess(event: CloudEvent, spec: EventSpec | None) -> str | None:
