@@ -169,3 +169,39 @@ def test_reproduce_snippet_prints_the_signature(tmp_path: Path) -> None:
     (tmp_path / "event.json").write_text(ex["structured"])
     out = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ex["signature"]
+
+
+# --- the HTTP API's schema ----------------------------------------------------------------
+
+
+def _typed(doc: dict[str, Any], schema: dict[str, Any]) -> bool:
+    """An object schema with named properties, or an array of them; not `additionalProperties: true`."""
+    if "$ref" in schema:
+        schema = _resolve(doc, schema["$ref"])
+    if schema.get("type") == "array":
+        return _typed(doc, schema["items"])
+    return schema.get("type") == "object" and bool(schema.get("properties")) and "additionalProperties" not in schema
+
+
+def test_openapi_every_response_is_typed() -> None:
+    """What a partner's generated client needs: every JSON body a real model, every refusal the
+    Problem shape, and the version of the code that serves it."""
+    from importlib.metadata import version
+
+    doc = json.loads((DOCS / "openapi.json").read_text())
+    assert doc["info"]["version"] == version("gputrace"), f"app.version is not the package's; {FIX}"
+    untyped, undocumented = [], []
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            for status, response in op["responses"].items():
+                schema = response.get("content", {}).get("application/json", {}).get("schema")
+                if schema is None or not _typed(doc, schema):
+                    untyped.append(f"{method.upper()} {path} {status}")
+            if op["responses"].get("4XX", {}).get("content", {}).get("application/json", {}).get("schema") != {
+                "$ref": "#/components/schemas/Problem"
+            }:
+                undocumented.append(f"{method.upper()} {path}")
+    assert not untyped, (
+        f"responses without a typed JSON schema (use a services/ledger/responses.py model): {untyped}"
+    )
+    assert not undocumented, f"routes whose refusals are not documented as Problem: {undocumented}"

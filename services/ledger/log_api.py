@@ -14,20 +14,19 @@ the public key is public, since auditors are meant to obtain it out of band anyw
 from __future__ import annotations
 
 import base64
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import make_vkey
-from pydantic import BaseModel, Field
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.ledger.api import BIGINT_MAX, FORBIDDEN, MALFORMED, NO_TOKEN, RefuseMalformed, refusals
 from services.ledger.auth import require
 from services.ledger.log import LogEntry, LogHead, SignedCheckpoint, b64, fetch_nodes
+from services.ledger.responses import CheckpointJSON, ConsistencyProof, Entry, InclusionProof, PublicKey
 from services.ledger.witnessing import cosigned_note, latest_witnessed
 from shared.contract.parties import load_private_key
 
@@ -48,40 +47,6 @@ async def _session(request: Request):  # type: ignore[no-untyped-def]
 
 Session = Annotated[AsyncSession, Depends(_session)]
 Format = Annotated[Literal["note", "json"], Query(description="`note` (text/plain signed note) or `json`")]
-
-
-class CheckpointJSON(BaseModel):
-    """`format=json`: the signed note with its parts, for clients that would rather not parse it."""
-
-    size: int
-    root_hash: str = Field(description="standard base64")
-    note: str = Field(description="the signed note, as served with format=note")
-    signed_at: datetime
-
-
-class PublicKey(BaseModel):
-    origin: str
-    key_name: str
-    vkey: str = Field(description="C2SP signed-note verifier key: name+hash+base64(0x01 || key)")
-    public_key: str = Field(description="standard base64 of the raw 32-byte Ed25519 public key")
-
-
-class Entry(BaseModel):
-    leaf_index: int
-    entry: str = Field(description="the canonical JSON (RFC 8785) that was hashed, byte for byte")
-    leaf_hash: str = Field(description="standard base64 of the RFC 9162 leaf hash the server stored")
-
-
-class InclusionProof(BaseModel):
-    leaf_index: int
-    tree_size: int
-    proof: list[str] = Field(description="standard base64 hashes, leaf to root")
-
-
-class ConsistencyProof(BaseModel):
-    first: int
-    second: int
-    proof: list[str] = Field(description="standard base64 hashes")
 
 
 _CHECKPOINT_CONTENT: dict[str, Any] = {
@@ -221,7 +186,12 @@ async def get_past_checkpoint(
     return await _checkpoint_response(session, cp, format)
 
 
-@log_router.get("/public-key", summary="The log's origin and Ed25519 verifier key (public)")
+@log_router.get(
+    "/public-key",
+    summary="The log's origin and Ed25519 verifier key (public)",
+    # No token needed, but a query parameter is still refused (RefuseMalformed), in the Problem shape.
+    responses=refusals({400: "A query parameter (this route takes none)"}),
+)
 async def get_public_key(request: Request) -> PublicKey:
     settings = request.app.state.settings
     public_key = getattr(request.app.state, "log_public_key", None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from importlib.metadata import version
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
@@ -92,7 +93,7 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
         on_shutdown=[api_engine.dispose],
         consume=consume,
     )
-    app.version = "1.0.0"
+    app.version = version("gputrace")  # the installed package's, so the schema names the code it describes
     app.state.tokens = tokens
     app.state.sessions = session_factory(api_engine)
     app.include_router(router)
