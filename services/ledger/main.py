@@ -25,6 +25,7 @@ from shared.contract.parties import PartyRegistry, load_private_key
 from shared.runtime.db import make_engine, session_factory
 from shared.runtime.service import Service, ServiceConfigError
 from shared.runtime.settings import Settings
+from shared.runtime.tracing import instrument_api
 
 SERVICE = "ledger"
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
     app.include_router(log_router)
     app.include_router(dashboard_router)
     witnesser.attach(app, service.sessions)
+    instrument_api(app)  # a span per API request while tracing records (shared.runtime.tracing)
     return app
 
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import re
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -152,20 +151,6 @@ class CloudEvent:
         headers.extend((k, v.encode()) for k, v in self.trace.items())
         key = self.subject.encode() if self.subject else None
         return key, json.dumps(self.data, separators=(",", ":"), ensure_ascii=False).encode(), headers
-
-
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-
-
-def child_trace(parent: dict[str, str]) -> dict[str, str]:
-    """W3C trace context for what a service emits while handling an event: the same trace id
-    under a new span id; a new trace when the event carried none (or an unreadable one)."""
-    match = _TRACEPARENT.match(parent.get("traceparent", ""))
-    trace_id, flags = (match.group(1), match.group(3)) if match else (secrets.token_hex(16), "01")
-    child = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"}
-    if match and "tracestate" in parent:
-        child["tracestate"] = parent["tracestate"]
-    return child
 
 
 def now_rfc3339() -> str:

@@ -54,7 +54,6 @@ from shared.contract.cloudevents import (
     CloudEvent,
     Received,
     UnreadableRecord,
-    child_trace,
     now_rfc3339,
     printable,
     read_record,
@@ -82,6 +81,8 @@ from shared.runtime.observability import (
     event_type_label,
 )
 from shared.runtime.outbox import Pending, enqueue, pending_of
+from shared.runtime.tracing import annotate, outgoing, record_span
+from shared.runtime.tracing import tracer as current_tracer
 
 log = logging.getLogger(__name__)
 
@@ -482,11 +483,15 @@ class BatchProcessor:
             if not safe:
                 await self._prepare(session, fresh)
             watch = _Watch(session)
+            tracer = current_tracer()  # None while tracing is silent: no span at all
             for item in fresh:
-                if give_up is not None:
-                    self._give_up(session, item, *give_up)
-                else:
-                    await self._one(session, item, watch, safe, failures.get(item.position, 0))
+                internal = item.record.topic in self._internal_topics
+                # What the record's handling enqueues carries this span's context (tracing.outgoing).
+                with record_span(tracer, self.service, item.record, item.event, internal):
+                    if give_up is not None:
+                        self._give_up(session, item, *give_up)
+                    else:
+                        await self._one(session, item, watch, safe, failures.get(item.position, 0))
             if failures:
                 # Decided (or given up) at last: the count has done its job.
                 await session.execute(delete(DeliveryFailure).where(col(DeliveryFailure.position).in_(list(failures))))
@@ -617,7 +622,8 @@ class BatchProcessor:
             facts=verdict.facts,
             anomalies=verdict.anomalies,
         )
-        trace = child_trace(event.trace)
+        trace = outgoing(event.trace)
+        annotate(decision)
         publish_decision(session, decision, trace=trace, key=self._signing_key)
         outcome = Outcome(
             event_id=event.id,
@@ -657,7 +663,7 @@ class BatchProcessor:
                 "party": decision.party_id,
                 "batch_id": decision.batch_id,
                 "reason": decision.reason_code,
-                "traceparent": trace["traceparent"],
+                "traceparent": trace.get("traceparent"),
             },
         )
 
@@ -728,7 +734,7 @@ class BatchProcessor:
             # Not a decision at all: no retry will make it one.
             self._dead_letter(session, item.record, f"not a decision: {_short_errors(exc)}")
             return
-        emitter = Emitter(self.service, session, event, child_trace(event.trace), key=self._signing_key)
+        emitter = Emitter(self.service, session, event, outgoing(event.trace), key=self._signing_key)
         await self._internal_handler(session, event, decision, emitter)
         _mark(session, item.key, None)
 

@@ -63,6 +63,7 @@ from shared.contract.cloudevents import CloudEvent
 from shared.runtime.db import OutboxMessage, ParkedOutboxMessage, ProcessedMessage, is_postgres, utcnow
 from shared.runtime.observability import OUTBOX_BACKLOG, OUTBOX_PARKED, OUTBOX_PUBLISHED
 from shared.runtime.topics import RELAY_PROGRESS_TOPIC
+from shared.runtime.tracing import PublishSpans
 
 log = logging.getLogger(__name__)
 
@@ -554,14 +555,19 @@ class OutboxRelay:
     ) -> tuple[list[Row[Any]], list[tuple[Row[Any], str]]]:
         sent: list[Row[Any]] = []
         parked: list[tuple[Row[Any], str]] = []
-        async with producer.transaction():
+        # While tracing records, a span per row, child of the context stored with it, ended once
+        # the transaction is; each record goes out under its span's traceparent.
+        spans = PublishSpans(self.service)
+        async with spans.transaction(), producer.transaction():
             futures = []
             for row in rows:
                 try:
                     # send() appends to the producer's buffer in call order; awaiting the futures
                     # after all sends lets one batch fly while keeping the order within a partition.
                     futures.append(
-                        await producer.send(row.topic, value=row.value, key=row.key, headers=_headers_of(row))
+                        await producer.send(
+                            row.topic, value=row.value, key=row.key, headers=spans.headers(row.topic, _headers_of(row))
+                        )
                     )
                 except (MessageSizeTooLargeError, ValueError, TypeError) as exc:
                     # Refused before it left this process (too large, malformed): the transaction

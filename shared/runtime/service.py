@@ -44,6 +44,7 @@ from shared.runtime.observability import HANDLER_SECONDS, configure_logging
 from shared.runtime.outbox import OutboxRelay
 from shared.runtime.settings import Settings
 from shared.runtime.topics import ensure_topics
+from shared.runtime.tracing import kafka_middleware, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class Service:
     ) -> None:
         self.name = name
         self.settings = settings or Settings()
+        # Tracing is configured here, before the broker and the relay that record with it.
+        setup_tracing(self.settings, name)
         self.engine: AsyncEngine = make_engine(self.settings.sqlalchemy_url(name))
         self.sessions = session_factory(self.engine)
         self.tables = list(tables)
@@ -169,7 +172,8 @@ class Service:
             # Topics are the admin's (`gputrace topics`); a service principal may not create any.
             allow_auto_create_topics=False,
             logger=logging.getLogger("faststream"),
-            middlewares=(self.readiness.middleware(),),
+            # Telemetry outermost: its batch span covers the readiness bookkeeping too.
+            middlewares=(kafka_middleware(), self.readiness.middleware()),
         )
         self.relay = OutboxRelay(
             name,

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python log level.")
     log_json: bool = Field(True, description="Structured JSON logs (false: plain text).")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector (OTLP/HTTP, e.g. http://collector:4318): spans of every record "
+        "handled go to its /v1/traces (shared.runtime.tracing). Unset: no spans, partners' traceparent passed on.",
+    )
 
     # Ledger.
     ledger_origin: str = Field("gputrace.example/ledger", description="Checkpoint origin line of the log.")
