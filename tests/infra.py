@@ -217,6 +217,42 @@ def start_kafka(data_dir: Path | str) -> LocalKafka:
 
 
 @dataclass
+class LocalKafkaCluster:
+    """`size` combined KRaft nodes run by `kafka.sh cluster` (one static quorum, topics with three
+    copies); each node is a LocalKafka on its own dir, to kill and start again alone."""
+
+    directory: Path
+    size: int = 3
+    bootstrap: str = ""
+    secure: bool = True
+
+    @property
+    def credentials(self) -> Path | None:
+        return kafka_credentials() if self.secure else None
+
+    def start(self) -> LocalKafkaCluster:
+        """Start every node (or those not running); returns when each answers."""
+        args = ["--credentials", str(self.credentials)] if self.credentials else []
+        self.bootstrap = _script(
+            KAFKA_SH, "cluster", "start", "--dir", str(self.directory), "--nodes", str(self.size), *args
+        )
+        if self.credentials:
+            speak_as_admin(self.credentials)
+        return self
+
+    def stop(self) -> None:
+        _script(KAFKA_SH, "cluster", "stop", "--dir", str(self.directory), timeout=180)
+
+    def node(self, node_id: int) -> LocalKafka:
+        """Node `node_id` (1..size, Kafka's node.id), e.g. the leader of a partition."""
+        return LocalKafka(self.directory / f"node{node_id}", secure=self.secure)
+
+    @property
+    def nodes(self) -> list[LocalKafka]:
+        return [self.node(i) for i in range(1, self.size + 1)]
+
+
+@dataclass
 class LocalPostgres:
     """A PostgreSQL cluster run by infra/postgres/postgres.sh (as user postgres when we are root).
 
@@ -355,16 +391,20 @@ def postgres_container(image: str = POSTGRES_IMAGE) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def kafka_and_postgres(work: Path) -> Iterator[tuple[str, str, LocalKafka | None, LocalPostgres | None]]:
+def kafka_and_postgres(
+    work: Path, brokers: int = 1
+) -> Iterator[tuple[str, str, LocalKafka | LocalKafkaCluster | None, LocalPostgres | None]]:
     """For the long runs outside pytest (bench, chaos): the Kafka and PostgreSQL the environment names
     (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL), else local ones started under `work` and stopped on exit.
-    Yields (bootstrap, admin URL, the local Kafka or None, the local PostgreSQL or None)."""
-    kafka = pg = None
+    Yields (bootstrap, admin URL, the local Kafka (a LocalKafkaCluster when `brokers` > 1) or None,
+    the local PostgreSQL or None)."""
+    kafka: LocalKafka | LocalKafkaCluster | None = None
+    pg = None
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     admin_url = os.environ.get("DATABASE_URL")
     try:
         if not bootstrap:
-            kafka = LocalKafka(work / "kafka").start()
+            kafka = (LocalKafkaCluster(work / "kafka", brokers) if brokers > 1 else LocalKafka(work / "kafka")).start()
             bootstrap = kafka.bootstrap
         if not admin_url:
             pg = LocalPostgres(work / "pg").start()

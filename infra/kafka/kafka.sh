@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# Local single-node Apache Kafka 4.x (KRaft, combined broker+controller) without Docker.
+# Local Apache Kafka 4.x (KRaft, combined broker+controller nodes) without Docker: one node, or a
+# cluster of three.
 #
 #   kafka.sh fetch                       jars -> ${GPUTRACE_CACHE:-~/.cache/gputrace}/kafka-<v>/libs
 #   kafka.sh start [--port P] [--dir D] [--credentials C]
 #                                        prints the bootstrap address 127.0.0.1:P on stdout
 #   kafka.sh stop  [--dir D]             SIGTERM, wait, SIGKILL if needed
 #   kafka.sh status [--dir D]            exit 0 and print the address if running, else exit 1
+#   kafka.sh cluster start|stop|status [--dir D] [--credentials C] [--nodes N]
+#                                        N (default 3) combined nodes in D/node1..N, on free local
+#                                        ports; prints the bootstrap list 127.0.0.1:P1,...,127.0.0.1:PN
+#
+# Cluster: every node is a voter of one static controller quorum (controller.quorum.voters) and a
+# broker; internal topics (offsets, transactions) get replication factor min(N, 3) and
+# min.insync.replicas 2 from 3 nodes up, as do topics created without explicit settings. Each node
+# dir is an ordinary single-node dir that remembers its node id and the quorum (kafka.env), so
+# `kafka.sh start --dir D/node2` restarts one node after it was killed. Secured clusters share the
+# broker's own password across nodes (inter-broker and controller connections authenticate as it).
 #
 # A dir remembers its ports (kafka.env): `start` on an existing dir restarts the same broker, same
 # data, same ports (the controller's endpoint is written into the KRaft bootstrap checkpoint, so it
@@ -104,13 +115,18 @@ cmd_fetch() {
 
 parse_args() {
     PORT=""
-    DIR="$DEFAULT_DIR"
+    DIR="${DIR_DEFAULT:-$DEFAULT_DIR}"
     CREDENTIALS="${KAFKA_CREDENTIALS_DIR:-}"
+    NO_WAIT=0
+    NODES=3
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --port) PORT="$2"; shift 2 ;;
             --dir) DIR="$2"; shift 2 ;;
             --credentials) CREDENTIALS="$2"; shift 2 ;;
+            # Internal (cluster start): launch and return; a quorum's nodes answer only once most are up.
+            --no-wait) NO_WAIT=1; shift ;;
+            --nodes) NODES="$2"; shift 2 ;;
             *) die "unknown argument: $1" ;;
         esac
     done
@@ -158,6 +174,7 @@ EOF
 # SCRAM users to create at format time, from the credentials dir.
 secure_setup() {
     [[ -f "$CREDENTIALS/admin.password" ]] || die "no $CREDENTIALS/admin.password (run: gputrace keys init)"
+    # A cluster's nodes get the same one from `cluster start`, before their first start.
     if [[ ! -s "$DIR/broker.password" ]]; then
         (umask 077 && head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$DIR/broker.password")
     fi
@@ -203,22 +220,31 @@ listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 EOF
     fi
+    # A cluster's quorum is static (every node a voter, known from the start); a lone node's is its own.
+    local quorum="controller.quorum.bootstrap.servers=127.0.0.1:$CONTROLLER_PORT"
+    [[ -z "$QUORUM_VOTERS" ]] || quorum="controller.quorum.voters=$QUORUM_VOTERS"
+    # Three copies of everything from three nodes up, of which two must have a write (acks=all) before
+    # it counts: one node may die without losing or refusing anything.
+    local min_isr=1
+    ((REPLICAS < 3)) || min_isr=2
     cat >>"$DIR/server.properties" <<EOF
 process.roles=broker,controller
-node.id=1
+node.id=$NODE_ID
 controller.listener.names=CONTROLLER
-controller.quorum.bootstrap.servers=127.0.0.1:$CONTROLLER_PORT
+$quorum
 log.dirs=$DIR/data
 # Topics are created on purpose by the services; a typo must fail, not invent a topic.
 auto.create.topics.enable=false
 num.partitions=1
-default.replication.factor=1
-min.insync.replicas=1
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+default.replication.factor=$REPLICAS
+min.insync.replicas=$min_isr
+offsets.topic.replication.factor=$REPLICAS
+transaction.state.log.replication.factor=$REPLICAS
+transaction.state.log.min.isr=$min_isr
+share.coordinator.state.topic.replication.factor=$REPLICAS
+share.coordinator.state.topic.min.isr=$min_isr
+# Never elect a replica that missed acknowledged writes (the default, said out loud).
+unclean.leader.election.enable=false
 # Fewer internal partitions than the default 50: creating them is most of a first group join.
 offsets.topic.num.partitions=10
 transaction.state.log.num.partitions=10
@@ -274,10 +300,14 @@ cmd_start() {
         source "$DIR/kafka.env"
         [[ -z "$PORT" || "$PORT" == "$KAFKA_PORT" ]] || die "already running in $DIR on port $KAFKA_PORT"
         log "already running (pid $pid)"
+        # A cluster node launched with --no-wait answers once its quorum is up: wait for that.
+        ((NO_WAIT)) || wait_ready "$pid" "$KAFKA_PORT"
         echo "127.0.0.1:$KAFKA_PORT"
         return 0
     fi
     cmd_fetch
+    # A lone node: node 1, its own quorum, one copy. A cluster node's kafka.env says otherwise.
+    NODE_ID=1 QUORUM_VOTERS="" KAFKA_CLUSTER_ID="" REPLICAS=1
     if [[ -f "$DIR/kafka.env" ]]; then
         # shellcheck disable=SC1091
         source "$DIR/kafka.env"
@@ -301,7 +331,7 @@ cmd_start() {
     fi
     require_free "$PORT" "Kafka"
     require_free "$CONTROLLER_PORT" "Kafka's controller"
-    printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\nKAFKA_SECURE=%s\n' "$PORT" "$CONTROLLER_PORT" "$SECURE" >"$DIR/kafka.env"
+    write_env
     mkdir -p "$DIR/logs"
     SCRAM_ARGS=()
     if [[ "$SECURE" == 1 ]]; then
@@ -312,14 +342,12 @@ cmd_start() {
     write_config
     java_cmd
     if [[ ! -f "$DIR/data/meta.properties" ]]; then
-        # Kafka's Uuid text form: 16 random bytes, url-safe base64, unpadded. Kafka itself never
-        # hands out one starting with '-' (it would read as a CLI flag), so neither do we.
-        local cluster_id="-"
-        while [[ "$cluster_id" == -* ]]; do
-            cluster_id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)"
-        done
-        log "formatting KRaft storage in $DIR/data (cluster $cluster_id)"
-        java "${JAVA_ARGS[@]}" kafka.tools.StorageTool format --standalone "${SCRAM_ARGS[@]}" \
+        local cluster_id="${KAFKA_CLUSTER_ID:-$(new_cluster_id)}"
+        # A static quorum (a cluster's) is formatted as is; a lone node is its own standalone quorum.
+        local quorum_args=(--standalone)
+        [[ -z "$QUORUM_VOTERS" ]] || quorum_args=()
+        log "formatting KRaft storage in $DIR/data (cluster $cluster_id, node $NODE_ID)"
+        java "${JAVA_ARGS[@]}" kafka.tools.StorageTool format "${quorum_args[@]}" "${SCRAM_ARGS[@]}" \
             -t "$cluster_id" -c "$DIR/server.properties" >"$DIR/logs/format.out" 2>&1 \
             || { cat "$DIR/logs/format.out" >&2; die "StorageTool format failed"; }
     fi
@@ -329,14 +357,39 @@ cmd_start() {
         >"$DIR/logs/kafka.out" 2>&1 </dev/null &
     pid=$!
     echo "$pid" >"$PIDFILE"
+    if ((NO_WAIT)); then
+        log "launched node $NODE_ID (pid $pid, data in $DIR)"
+        return 0
+    fi
+    wait_ready "$pid" "$PORT"
+    echo "127.0.0.1:$PORT"
+}
+
+# Kafka's Uuid text form: 16 random bytes, url-safe base64, unpadded. Kafka itself never hands out
+# one starting with '-' (it would read as a CLI flag), so neither do we.
+new_cluster_id() {
+    local cluster_id="-"
+    while [[ "$cluster_id" == -* ]]; do
+        cluster_id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)"
+    done
+    echo "$cluster_id"
+}
+
+write_env() {
+    printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\nKAFKA_SECURE=%s\nNODE_ID=%s\nQUORUM_VOTERS=%s\nKAFKA_CLUSTER_ID=%s\nREPLICAS=%s\n' \
+        "$PORT" "$CONTROLLER_PORT" "$SECURE" "$NODE_ID" "$QUORUM_VOTERS" "$KAFKA_CLUSTER_ID" "$REPLICAS" >"$DIR/kafka.env"
+}
+
+# Returns once the broker answers on its port, and the answer comes from pid $1 (ours, not just anyone's).
+wait_ready() {
+    local pid="$1" port="$2"
     local deadline=$((SECONDS + ${KAFKA_START_TIMEOUT:-180}))
-    # Ours answering, not just anyone: the port must be held by the java we started.
-    until probe "$PORT" && owns_port "$pid" "$PORT"; do
+    until probe "$port" && owns_port "$pid" "$port"; do
         if ! kill -0 "$pid" 2>/dev/null; then
             tail -n 40 "$DIR/logs/kafka.out" "$DIR/logs/server.log" >&2 2>/dev/null || true
             rm -f "$PIDFILE"
             # Taken between our check and the bind? Then say by whom.
-            "$PY" "$PORTS_PY" check "$PORT" Kafka >&2 || true
+            "$PY" "$PORTS_PY" check "$port" Kafka >&2 || true
             die "broker exited during start-up (logs in $DIR/logs)"
         fi
         if ((SECONDS >= deadline)); then
@@ -346,7 +399,6 @@ cmd_start() {
         sleep 0.1
     done
     log "ready (pid $pid, data in $DIR)"
-    echo "127.0.0.1:$PORT"
 }
 
 cmd_stop() {
@@ -387,10 +439,111 @@ cmd_status() {
     fi
 }
 
+# --- a cluster: N single-node dirs that know each other ---------------------------------------
+
+cluster_nodes() { seq 1 "$NODES"; }
+
+cmd_cluster_start() {
+    DIR_DEFAULT="$DEFAULT_DIR-cluster" parse_args "$@"
+    local node_args=() i
+    [[ -z "$CREDENTIALS" ]] || node_args=(--credentials "$CREDENTIALS")
+    if [[ -f "$DIR/cluster.env" ]]; then
+        # shellcheck disable=SC1091
+        source "$DIR/cluster.env"  # NODES: a cluster keeps its size
+    else
+        ((NODES >= 1)) || die "--nodes must be at least 1"
+        cmd_fetch
+        # Every port now, all distinct: each node's kafka.env names the whole quorum before any starts.
+        local ports=() port voters="" cluster_id
+        while ((${#ports[@]} < 2 * NODES)); do
+            port="$(free_port)"
+            [[ " ${ports[*]} " == *" $port "* ]] || ports+=("$port")
+        done
+        for i in $(cluster_nodes); do
+            voters+="${voters:+,}$i@127.0.0.1:${ports[2 * i - 1]}"
+        done
+        cluster_id="$(new_cluster_id)"
+        local secure=0 replicas=$((NODES < 3 ? NODES : 3)) password=""
+        if [[ -n "$CREDENTIALS" ]]; then
+            secure=1
+            password="$(head -c 32 /dev/urandom | base64 | tr -d '/+=\n')"
+        fi
+        for i in $(cluster_nodes); do
+            mkdir -p "$DIR/node$i"
+            (
+                umask 077
+                DIR="$DIR/node$i" PORT="${ports[2 * i - 2]}" CONTROLLER_PORT="${ports[2 * i - 1]}" SECURE=$secure
+                NODE_ID=$i QUORUM_VOTERS="$voters" KAFKA_CLUSTER_ID="$cluster_id" REPLICAS=$replicas
+                write_env
+                [[ -z "$password" ]] || echo -n "$password" >"$DIR/broker.password"
+            )
+        done
+        printf 'NODES=%s\n' "$NODES" >"$DIR/cluster.env"
+        log "cluster $cluster_id: $NODES nodes in $DIR, quorum $voters"
+    fi
+    # Launch all (formatting in parallel: each format is a JVM start), then wait for each: a node
+    # answers only once a majority of the quorum is up.
+    local launches=()
+    for i in $(cluster_nodes); do
+        bash "$0" start --dir "$DIR/node$i" "${node_args[@]}" --no-wait >/dev/null &
+        launches+=($!)
+    done
+    for i in "${launches[@]}"; do
+        wait "$i" || die "a node failed to launch (above)"
+    done
+    local bootstrap=""
+    for i in $(cluster_nodes); do
+        bootstrap+="${bootstrap:+,}$(bash "$0" start --dir "$DIR/node$i" "${node_args[@]}")"
+    done
+    log "cluster ready: $bootstrap"
+    echo "$bootstrap"
+}
+
+cmd_cluster_stop() {
+    DIR_DEFAULT="$DEFAULT_DIR-cluster" parse_args "$@"
+    [[ -f "$DIR/cluster.env" ]] || { log "no cluster in $DIR"; return 0; }
+    # shellcheck disable=SC1091
+    source "$DIR/cluster.env"
+    # All at once: stopped one by one, the last nodes would wait on a quorum that is gone.
+    local i
+    for i in $(cluster_nodes); do
+        bash "$0" stop --dir "$DIR/node$i" &
+    done
+    wait
+}
+
+cmd_cluster_status() {
+    DIR_DEFAULT="$DEFAULT_DIR-cluster" parse_args "$@"
+    [[ -f "$DIR/cluster.env" ]] || { log "no cluster in $DIR"; return 1; }
+    # shellcheck disable=SC1091
+    source "$DIR/cluster.env"
+    local i bootstrap="" down=0 address
+    for i in $(cluster_nodes); do
+        if address="$(bash "$0" status --dir "$DIR/node$i" 2>/dev/null)"; then
+            bootstrap+="${bootstrap:+,}$address"
+        else
+            log "node $i not running"
+            down=1
+        fi
+    done
+    echo "$bootstrap"
+    return "$down"
+}
+
+cmd_cluster() {
+    case "${1:-}" in
+        start) shift; cmd_cluster_start "$@" ;;
+        stop) shift; cmd_cluster_stop "$@" ;;
+        status) shift; cmd_cluster_status "$@" ;;
+        *) echo "usage: $0 cluster {start|stop|status} [--dir D] [--credentials C] [--nodes N]" >&2; exit 2 ;;
+    esac
+}
+
 case "${1:-}" in
     fetch) shift; cmd_fetch "$@" ;;
     start) shift; cmd_start "$@" ;;
     stop) shift; cmd_stop "$@" ;;
     status) shift; cmd_status "$@" ;;
-    *) echo "usage: $0 {fetch|start [--port P] [--dir D] [--credentials C]|stop [--dir D]|status [--dir D]}" >&2; exit 2 ;;
+    cluster) shift; cmd_cluster "$@" ;;
+    *) echo "usage: $0 {fetch|start [--port P] [--dir D] [--credentials C]|stop [--dir D]|status [--dir D]|cluster {start|stop|status} [--dir D] [--credentials C] [--nodes N]}" >&2; exit 2 ;;
 esac

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         DEFAULT_VAR_DIR / "keys" / "kafka",
         description="Kafka passwords, one <principal>.password file each (0600), written by `gputrace keys init`.",
     )
+    kafka_replication_factor: int | None = Field(
+        None,
+        description="Copies of each topic `gputrace topics` creates. Unset: 3 on a cluster of three brokers or "
+        "more (with min.insync.replicas=2), else one per broker.",
+    )
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL of this service's own database (postgresql://...). "
@@ -72,11 +77,6 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python log level.")
     log_json: bool = Field(True, description="Structured JSON logs (false: plain text).")
-    otel_exporter_otlp_endpoint: str | None = Field(
-        None,
-        description="OpenTelemetry collector (OTLP/HTTP, e.g. http://collector:4318): spans of every record "
-        "handled go to its /v1/traces (shared.runtime.tracing). Unset: no spans, partners' traceparent passed on.",
-    )
 
     # Ledger.
     ledger_origin: str = Field("gputrace.example/ledger", description="Checkpoint origin line of the log.")

@@ -1,5 +1,9 @@
 """Creates the project's topics with the partition counts it declares (auto-creation is off), and
-brings the declared configs (retention, max.message.bytes) to topics that already exist."""
+brings the declared configs (retention, max.message.bytes) to topics that already exist.
+
+Replication: KAFKA_REPLICATION_FACTOR, or 3 copies on a cluster of three brokers or more (else one per
+broker), with min.insync.replicas=2 from three copies: an acks=all write is on two brokers before it
+is acknowledged, so one broker may die without losing or refusing anything."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
 from shared.contract import MAX_RECORD_BYTES, TOPIC_CONFIGS, TOPIC_PARTITIONS
+from shared.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +34,13 @@ _DYNAMIC_TOPIC_CONFIG = 1
 async def ensure_topics(
     bootstrap_servers: str,
     topics: dict[str, int] | None = None,
-    replication: int = 1,
+    replication: int | None = None,
     wait_seconds: float = 60,
     configs: dict[str, dict[str, str]] | None = None,
     client_options: dict[str, Any] | None = None,
 ) -> list[str]:
     """Create the missing topics and align the configs of existing ones; returns the names created.
-    Waits for the broker to answer."""
+    Waits for the broker to answer. `replication` None: the setting, else derived from the brokers."""
     wanted = topics or {**TOPIC_PARTITIONS, **INTERNAL_TOPICS}
     configs = configs or {**TOPIC_CONFIGS, **_INTERNAL_CONFIGS}
     deadline = asyncio.get_running_loop().time() + wait_seconds
@@ -55,8 +60,13 @@ async def ensure_topics(
             await asyncio.sleep(1)
     try:
         existing = set(await admin.list_topics())
+        if replication is None:
+            brokers = len((await admin.describe_cluster())["brokers"])
+            replication = Settings().kafka_replication_factor or min(3, brokers)
+        # Only on topics created here: an existing topic with fewer copies would refuse every write.
+        durable = {"min.insync.replicas": "2"} if replication >= 3 else {}
         missing = [
-            NewTopic(t, n, replication, topic_configs=configs.get(t, {}))
+            NewTopic(t, n, replication, topic_configs={**configs.get(t, {}), **durable})
             for t, n in wanted.items()
             if t not in existing
         ]
