@@ -20,6 +20,7 @@ keys_app = typer.Typer(help="Party keys, the party registry, API tokens and the 
 app.add_typer(keys_app, name="keys")
 app.add_typer(importlib.import_module("tools.kafka_access").kafka_app, name="kafka")
 app.command("docs")(importlib.import_module("tools.docs").docs_command)
+app.command("migrate")(importlib.import_module("tools.migrate").migrate_command)
 
 
 # A pass-through, so that `gputrace audit ...` and `gputrace-audit ...` are one command line.
@@ -266,8 +267,15 @@ def run(
         nonlocal stopping
         stopping = True
 
+    from tools.migrate import MIGRATED, migrate_one
+
     signal.signal(signal.SIGTERM, _stop)
     try:
+        # Each database brought to its code's schema first, as compose's migrate job does: a
+        # service refuses to start on an older one (docs/ops.md, "Schema migrations").
+        for name in MIGRATED:
+            url = Settings(database_url=stack.database_urls.get(name), var_dir=var_dir).sqlalchemy_url(name)
+            console.print(f"  migrate    {asyncio.run(migrate_one(url, name))}")
         stack.ports["witness"] = witness_port
         stack.start(("witness", *SERVICES))
         stack.wait_ready(timeout=120)

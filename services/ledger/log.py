@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import Checkpoint, sign_checkpoint
-from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, insert, select, text, tuple_
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, insert, inspect, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -81,6 +81,8 @@ class LogCosignature(SQLModel, table=True):
     ledger verified it (services/ledger/witnessing.py); served appended to that checkpoint's note."""
 
     __tablename__ = "log_cosignatures"
+    # The last size each witness cosigned (witnessing.py), without reading every row (migration 0002).
+    __table_args__ = (Index("ix_log_cosignatures_key_size", "key_id", "size"),)
 
     size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     key_id: str = Field(primary_key=True, max_length=8, description="hex of the witness's cosignature key id")
@@ -100,84 +102,80 @@ LOG_TABLES = [
 APPEND_ONLY = ("log_entries", "log_nodes", "log_checkpoints")
 
 
+def guard_statements(dialect: str) -> list[str]:
+    """The SQL of the append-only guards: UPDATE, DELETE (and TRUNCATE) on the log tables are
+    refused by the database itself, and the head's size can only grow. The ledger's baseline
+    migration (services/ledger/migrations/0001_baseline.py) runs these; a change to the guards is a
+    new revision carrying its own SQL, not an edit here."""
+    if dialect != "postgresql":
+        return [
+            *(
+                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, 'ledger table {table} is append-only ({op} refused)'); END"
+                for table in APPEND_ONLY
+                for op in ("UPDATE", "DELETE")
+            ),
+            "CREATE TRIGGER IF NOT EXISTS log_head_grows BEFORE UPDATE ON log_head "
+            "WHEN NEW.size < OLD.size OR NEW.id <> OLD.id "
+            "BEGIN SELECT RAISE(ABORT, 'ledger log head can only grow (UPDATE refused)'); END",
+            "CREATE TRIGGER IF NOT EXISTS log_head_no_delete BEFORE DELETE ON log_head "
+            "BEGIN SELECT RAISE(ABORT, 'ledger log head can only grow (DELETE refused)'); END",
+        ]
+    sql = [
+        "CREATE OR REPLACE FUNCTION gputrace_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN RAISE EXCEPTION 'ledger table % is append-only (% refused)', TG_TABLE_NAME, TG_OP; END $$"
+    ]
+    for table in APPEND_ONLY:
+        sql += [
+            f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}",
+            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION gputrace_append_only()",
+            f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}",
+            f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION gputrace_append_only()",
+        ]
+        # ALWAYS: the guards fire even in replica mode (session_replication_role), which
+        # would otherwise silence them for anyone allowed to set it.
+        sql += [
+            f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {t}" for t in (f"{table}_append_only", f"{table}_no_truncate")
+        ]
+    # The head may only grow: lowering it (or deleting it) would make the next appends
+    # overwrite leaf indices and quietly start a shorter log.
+    sql.append(
+        "CREATE OR REPLACE FUNCTION gputrace_head_grows() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN IF TG_OP <> 'UPDATE' OR NEW.size < OLD.size OR NEW.id <> OLD.id THEN "
+        "RAISE EXCEPTION 'ledger log head can only grow (% refused)', TG_OP; END IF; RETURN NEW; END $$"
+    )
+    for name, when in (("grows", "UPDATE OR DELETE"), ("no_truncate", "TRUNCATE")):
+        each = "STATEMENT" if when == "TRUNCATE" else "ROW"
+        sql += [
+            f"DROP TRIGGER IF EXISTS log_head_{name} ON log_head",
+            f"CREATE TRIGGER log_head_{name} BEFORE {when} ON log_head "
+            f"FOR EACH {each} EXECUTE FUNCTION gputrace_head_grows()",
+            f"ALTER TABLE log_head ENABLE ALWAYS TRIGGER log_head_{name}",
+        ]
+    return sql
+
+
+SQLITE_GUARD_TRIGGERS = (
+    *(f"{t}_no_{op}" for t in APPEND_ONLY for op in ("update", "delete")),
+    "log_head_grows",
+    "log_head_no_delete",
+)
+
+
 async def install_append_only_guards(conn: AsyncConnection) -> None:
-    """UPDATE, DELETE (and TRUNCATE) on the log tables are refused by the database itself, and
-    the head's size can only grow. In production the tables and these triggers are owned by a
-    separate role from the one the service runs as (docs/ops.md), so it cannot drop them."""
-    if conn.dialect.name == "postgresql":
-        if not await _owns_log(conn):
-            # The run-time role (docs/ops.md): it may not touch the triggers, the owner installed
-            # them; refuse to run on a log that has lost them.
-            missing = await missing_guards(conn)
-            if missing:
-                raise RuntimeError(f"the ledger's append-only triggers are missing: {', '.join(missing)}")
-            return
-        await conn.execute(
-            text(
-                "CREATE OR REPLACE FUNCTION gputrace_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                "BEGIN RAISE EXCEPTION 'ledger table % is append-only (% refused)', TG_TABLE_NAME, TG_OP; END $$"
-            )
-        )
-        for table in APPEND_ONLY:
-            await conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}"))
-            await conn.execute(
-                text(
-                    f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-                    "FOR EACH ROW EXECUTE FUNCTION gputrace_append_only()"
-                )
-            )
-            await conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}"))
-            await conn.execute(
-                text(
-                    f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
-                    "FOR EACH STATEMENT EXECUTE FUNCTION gputrace_append_only()"
-                )
-            )
-            # ALWAYS: the guards fire even in replica mode (session_replication_role), which
-            # would otherwise silence them for anyone allowed to set it.
-            for trigger in (f"{table}_append_only", f"{table}_no_truncate"):
-                await conn.execute(text(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}"))
-        # The head may only grow: lowering it (or deleting it) would make the next appends
-        # overwrite leaf indices and quietly start a shorter log.
-        await conn.execute(
-            text(
-                "CREATE OR REPLACE FUNCTION gputrace_head_grows() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                "BEGIN IF TG_OP <> 'UPDATE' OR NEW.size < OLD.size OR NEW.id <> OLD.id THEN "
-                "RAISE EXCEPTION 'ledger log head can only grow (% refused)', TG_OP; END IF; RETURN NEW; END $$"
-            )
-        )
-        for name, when in (("grows", "UPDATE OR DELETE"), ("no_truncate", "TRUNCATE")):
-            each = "STATEMENT" if when == "TRUNCATE" else "ROW"
-            await conn.execute(text(f"DROP TRIGGER IF EXISTS log_head_{name} ON log_head"))
-            await conn.execute(
-                text(
-                    f"CREATE TRIGGER log_head_{name} BEFORE {when} ON log_head "
-                    f"FOR EACH {each} EXECUTE FUNCTION gputrace_head_grows()"
-                )
-            )
-            await conn.execute(text(f"ALTER TABLE log_head ENABLE ALWAYS TRIGGER log_head_{name}"))
-    else:
-        for table in APPEND_ONLY:
-            for op in ("UPDATE", "DELETE"):
-                await conn.execute(
-                    text(
-                        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
-                        f"BEGIN SELECT RAISE(ABORT, 'ledger table {table} is append-only ({op} refused)'); END"
-                    )
-                )
-        await conn.execute(
-            text(
-                "CREATE TRIGGER IF NOT EXISTS log_head_grows BEFORE UPDATE ON log_head "
-                "WHEN NEW.size < OLD.size OR NEW.id <> OLD.id "
-                "BEGIN SELECT RAISE(ABORT, 'ledger log head can only grow (UPDATE refused)'); END"
-            )
-        )
-        await conn.execute(
-            text(
-                "CREATE TRIGGER IF NOT EXISTS log_head_no_delete BEFORE DELETE ON log_head "
-                "BEGIN SELECT RAISE(ABORT, 'ledger log head can only grow (DELETE refused)'); END"
-            )
-        )
+    """At start-up, on a database kept by migrations (or not owned by this role: docs/ops.md): only
+    check the guards are all there, and refuse to run on a log that has lost them; they are the
+    migrations' to install. A ledger made without migrations (some tests) gets them here."""
+    migrated = await conn.run_sync(lambda sync: inspect(sync).has_table("alembic_version_ledger"))
+    if migrated or (conn.dialect.name == "postgresql" and not await _owns_log(conn)):
+        missing = await missing_guards(conn)
+        if missing:
+            raise RuntimeError(f"the ledger's append-only triggers are missing: {', '.join(missing)}")
+        return
+    for statement in guard_statements(conn.dialect.name):
+        await conn.execute(text(statement))
 
 
 GUARD_TRIGGERS = (
@@ -193,7 +191,11 @@ async def _owns_log(conn: AsyncConnection) -> bool:
 
 
 async def missing_guards(conn: AsyncConnection) -> list[str]:
-    """PostgreSQL: the guard triggers that are absent or not enabled ALWAYS ('A')."""
+    """The guard triggers that are absent (on PostgreSQL: or not enabled ALWAYS, 'A')."""
+    if conn.dialect.name != "postgresql":
+        rows = await conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+        present = {name for (name,) in rows}
+        return [t for t in SQLITE_GUARD_TRIGGERS if t not in present]
     rows = await conn.execute(
         text("SELECT tgname FROM pg_trigger WHERE tgname = ANY(:names) AND tgenabled = 'A'"),
         {"names": list(GUARD_TRIGGERS)},

@@ -6,6 +6,7 @@ mechanism (shared.runtime.consumer + shared.runtime.outbox) around them. Service
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -36,10 +37,11 @@ from shared.runtime.consumer import (
     RetryBatch,
     retry_pause,
 )
-from shared.runtime.db import create_tables, make_engine, session_factory
+from shared.runtime.db import make_engine, session_factory
 from shared.runtime.health import Readiness
 from shared.runtime.kafka_auth import faststream_security
 from shared.runtime.kafka_records import install as tolerate_bad_header_names
+from shared.runtime.migrations import SchemaMismatch, prepare_schema
 from shared.runtime.observability import HANDLER_SECONDS, configure_logging
 from shared.runtime.outbox import OutboxRelay
 from shared.runtime.settings import Settings
@@ -123,6 +125,7 @@ class Service:
         after_batch: BatchHook | None = None,
         prefetch: Prefetch | None = None,
         settings: Settings | None = None,
+        before_batch: BatchHook | None = None,
     ) -> None:
         self.name = name
         self.settings = settings or Settings()
@@ -154,6 +157,7 @@ class Service:
             after_batch=after_batch,
             prefetch=prefetch,
             signing_key=key,
+            before_batch=before_batch,
         )
         self.readiness = Readiness(
             stall_seconds=self.settings.readiness_stall_seconds,
@@ -225,8 +229,17 @@ class Service:
         # On a secured broker topics are made by the admin (`gputrace topics`), before the services.
         if "sasl_mechanism" not in self.kafka_options:
             await ensure_topics(self.settings.kafka_bootstrap_servers)
-        await create_tables(self.engine, self.tables)
+        # Its schema from its migrations: an empty database is created, an older one refused.
+        await prepare_schema(self.engine, self.name)
         await self.relay.start()
+
+    async def _check_schema(self) -> None:
+        # Its own engine: the service's pool must not keep connections made on this event loop.
+        engine = make_engine(self.settings.sqlalchemy_url(self.name))
+        try:
+            await prepare_schema(engine, self.name)
+        finally:
+            await engine.dispose()
 
     async def stop_dependencies(self) -> None:
         await self.relay.stop()
@@ -281,6 +294,13 @@ class Service:
 
     def serve(self, app: FastAPI) -> None:
         configure_logging(self.settings.log_level, self.settings.log_json)
+        try:
+            # Before the server: a schema older than the code stops the process with one line,
+            # not a lifespan traceback.
+            asyncio.run(self._check_schema())
+        except SchemaMismatch as exc:
+            log.critical("refusing to start: %s", exc)
+            raise SystemExit(f"refusing to start: {exc}") from None
         uvicorn.run(app, host=self.settings.http_host, port=self.settings.http_port, log_config=None)
 
 

@@ -1,0 +1,1 @@
+"""The quotes service's schema history (Alembic revisions; shared.runtime.migrations runs them)."""

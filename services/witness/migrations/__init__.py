@@ -1,0 +1,1 @@
+"""The witness service's schema history (Alembic revisions; shared.runtime.migrations runs them)."""
