@@ -168,7 +168,8 @@ class Service:
         # outputs (tools/kafka_access.py).
         self.kafka_options = self.settings.kafka_client_options()
         self.broker = KafkaBroker(
-            self.settings.kafka_bootstrap_servers,
+            # A list: FastStream takes a string as one host, so "a:9092,b:9092" (a cluster) would fail.
+            self.settings.kafka_bootstrap_servers.split(","),
             client_id=f"gputrace-{name}",
             security=faststream_security(self.kafka_options),
             # Topics are the admin's (`gputrace topics`); a service principal may not create any.
