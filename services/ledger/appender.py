@@ -37,10 +37,15 @@ class Appender:
         self.on_checkpoint: Callable[[], None] | None = None
         self.statistics = Statistics()
 
+    async def before_batch(self, session: AsyncSession) -> None:
+        """The writer (its lock, the head, the frontier) before the first record, outside every
+        record's savepoint: a record rolled back must not release the lock for the ones after it."""
+        session.info[_WRITER] = await LogWriter.open(session)
+
     async def on_decision(self, session: AsyncSession, event: CloudEvent, decision: Decision, _: Emitter) -> None:
-        writer = session.info.get(_WRITER)
+        writer: LogWriter | None = session.info.get(_WRITER)
         if writer is None:
-            writer = session.info[_WRITER] = await LogWriter.open(session)
+            raise RuntimeError("no log writer: the ledger's BatchProcessor must run Appender.before_batch")
         # Projections first: if they fail, nothing was appended and the frontier has not moved.
         await project(session, decision, writer.size)
         # The index columns are bounded (log_entries); the entry itself keeps every character.

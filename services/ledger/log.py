@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import Checkpoint, sign_checkpoint
 from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, insert, inspect, select, text, tuple_
+from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -224,7 +226,9 @@ class Appended:
 
 class LogWriter:
     """Appends within the caller's transaction. Created per batch: `open` takes the writer lock
-    and rebuilds the right-edge frontier with O(log n) node reads."""
+    and rebuilds the right-edge frontier with O(log n) node reads. Opened outside any savepoint
+    (a savepoint's rollback would release the lock); appends made inside a savepoint that rolls
+    back are undone, frontier and all."""
 
     def __init__(self, session: AsyncSession, head: LogHead, frontier: merkle.Frontier) -> None:
         self._session = session
@@ -234,9 +238,15 @@ class LogWriter:
         # Written in two bulk INSERTs by finish(), not one ORM object at a time.
         self._entries: list[dict[str, Any]] = []
         self._nodes: list[dict[str, Any]] = []
+        # Per savepoint that appended: the state before its first append (frontier size and
+        # hashes, entries, nodes), restored if it rolls back.
+        self._marks: list[tuple[SessionTransaction, int, list[bytes], int, int]] = []
+        sa_event.listen(session.sync_session, "after_soft_rollback", self._rolled_back)
 
     @classmethod
     async def open(cls, session: AsyncSession) -> LogWriter:
+        if session.sync_session.in_nested_transaction():
+            raise RuntimeError("the log writer must be opened outside any savepoint: its rollback frees the lock")
         if session.bind is not None and session.bind.dialect.name == "postgresql":
             await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITER_LOCK})
         head = (await session.execute(select(LogHead).where(LogHead.id == 1).with_for_update())).scalar_one_or_none()
@@ -251,7 +261,23 @@ class LogWriter:
     def size(self) -> int:
         return self._frontier.size
 
+    def _remember(self) -> None:
+        savepoint = self._session.sync_session.get_nested_transaction()
+        if savepoint is not None and not (self._marks and self._marks[-1][0] is savepoint):
+            f = self._frontier
+            self._marks.append((savepoint, f.size, f.hashes(), len(self._entries), len(self._nodes)))
+
+    def _rolled_back(self, _: Session, transaction: SessionTransaction) -> None:
+        """A savepoint (or the transaction) rolled back: forget what was appended within it."""
+        for i, (savepoint, size, hashes, entries, nodes) in enumerate(self._marks):
+            if _within(savepoint, transaction):
+                coords = merkle.frontier_coords(size)
+                self._frontier = merkle.Frontier.from_nodes(size, dict(zip(coords, hashes, strict=True)))
+                del self._entries[entries:], self._nodes[nodes:], self._marks[i:]
+                return
+
     def append(self, entry: dict[str, Any], **index_columns: Any) -> Appended:
+        self._remember()
         body = canonical_json(entry)
         leaf = merkle.leaf_hash(body)
         index = self._frontier.size
@@ -287,6 +313,14 @@ class LogWriter:
         self._session.add(cp)
         await self._session.flush()
         return cp
+
+
+def _within(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
+    while transaction is not None:
+        if transaction is ancestor:
+            return True
+        transaction = transaction.parent
+    return False
 
 
 async def _check_consistent_with_last(session: AsyncSession, size: int, root: bytes) -> None:

@@ -336,6 +336,7 @@ class BatchProcessor:
         after_batch: BatchHook | None = None,
         prefetch: Prefetch | None = None,
         signing_key: Ed25519PrivateKey | None = None,
+        before_batch: BatchHook | None = None,
     ) -> None:
         self.service = service
         # Signs every decision this service publishes (shared.runtime.service loads and checks it).
@@ -346,6 +347,9 @@ class BatchProcessor:
         self._partner_handlers = partner_handlers or {}
         self._internal_handler = internal_handler
         self._after_batch = after_batch
+        # Runs in the batch's transaction before its first record, outside every record's
+        # savepoint: what it takes (the ledger's writer lock) a record's rollback cannot release.
+        self._before_batch = before_batch
         self._prefetch = prefetch
         # Decisions of the batch's last run by status, for its one INFO line (per event: DEBUG).
         self._tally: dict[str, int] = {}
@@ -480,6 +484,8 @@ class BatchProcessor:
                     continue
                 seen.add(item.key)
                 fresh.append(item)
+            if self._before_batch and fresh:
+                await self._before_batch(session)
             if not safe:
                 await self._prepare(session, fresh)
             watch = _Watch(session)

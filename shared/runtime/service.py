@@ -125,6 +125,7 @@ class Service:
         after_batch: BatchHook | None = None,
         prefetch: Prefetch | None = None,
         settings: Settings | None = None,
+        before_batch: BatchHook | None = None,
     ) -> None:
         self.name = name
         self.settings = settings or Settings()
@@ -156,6 +157,7 @@ class Service:
             after_batch=after_batch,
             prefetch=prefetch,
             signing_key=key,
+            before_batch=before_batch,
         )
         self.readiness = Readiness(
             stall_seconds=self.settings.readiness_stall_seconds,
