@@ -108,7 +108,7 @@ def test_environment_names_known_settings(name: str) -> None:
 def test_each_service_has_its_own_database_created_by_the_init_script() -> None:
     created = set(SERVICES_YML["postgres"]["environment"]["GPUTRACE_DATABASES"].split())
     seen: set[str] = set()
-    for name in [n for n in OURS if n not in ONE_SHOT]:  # the ledger-schema job works on the ledger's
+    for name in [n for n in OURS if n not in ONE_SHOT]:  # a migrate job works on its service's
         url = SERVICES_YML[name].get("environment", {}).get("DATABASE_URL")
         if url is None:
             continue
@@ -191,12 +191,11 @@ def _db_user_and_name(url: str) -> tuple[str, str]:
     return user, url.rsplit("/", 1)[1]
 
 
-def test_the_ledger_runs_as_the_runtime_role_after_the_owner_s_schema_job() -> None:
-    ledger, schema = SERVICES_YML["ledger"], SERVICES_YML["ledger-schema"]
+def test_the_ledger_runs_as_the_runtime_role_after_the_owner_s_migrate_job() -> None:
+    ledger, schema = SERVICES_YML["ledger"], SERVICES_YML["ledger-migrate"]
     assert _db_user_and_name(ledger["environment"]["DATABASE_URL"]) == ("gputrace_ledger_app", "gputrace_ledger")
     assert _db_user_and_name(schema["environment"]["DATABASE_URL"]) == ("gputrace_ledger_owner", "gputrace_ledger")
-    assert _depends_on(ledger)["ledger-schema"] == "service_completed_successfully"
-    assert _module(schema["command"]) == "services.ledger.schema"
+    assert _depends_on(ledger)["ledger-migrate"] == "service_completed_successfully"
     assert schema["command"][-2:] == ["--runtime-role", "gputrace_ledger_app"]
     # The postgres image's init script makes both roles; its passwords are the ones the URLs use.
     init = (ROOT / "infra" / "docker" / "postgres-init.sh").read_text()
@@ -206,6 +205,23 @@ def test_the_ledger_runs_as_the_runtime_role_after_the_owner_s_schema_job() -> N
         assert f"${{{variable}:-${{POSTGRES_PASSWORD}}}}" in init
         url = (ledger if role == "app" else schema)["environment"]["DATABASE_URL"]
         assert postgres_env[variable] in url, f"{variable} differs between postgres and the {role} URL"
+
+
+@pytest.mark.parametrize("name", [n for n in OURS if n not in ONE_SHOT and _module(SERVICES_YML[n]["command"])])
+def test_each_service_starts_after_its_own_migrate_job(name: str) -> None:
+    """A service refuses to start on an older schema (shared/runtime/migrations): the job before it
+    runs `gputrace migrate` for that service, on that service's database."""
+    service = SERVICES_YML[name]
+    module = _module(service["command"])
+    assert module is not None and module.startswith("services.")
+    job = SERVICES_YML.get(f"{name}-migrate")
+    assert job is not None, f"no {name}-migrate job"
+    assert _depends_on(service)[f"{name}-migrate"] == "service_completed_successfully"
+    assert job["command"][:4] == ["gputrace", "migrate", "--service", module.removeprefix("services.")]
+    assert str(job.get("restart")) in {"no", "False", "false"}
+    assert _depends_on(job) == {"postgres": "service_healthy"}
+    service_db = service["environment"]["DATABASE_URL"].rsplit("/", 1)[1]
+    assert job["environment"]["DATABASE_URL"].rsplit("/", 1)[1] == service_db
 
 
 def test_a_witness_cosigns_the_ledger_s_checkpoints() -> None:
