@@ -82,6 +82,14 @@ def _one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
     return found[0]
 
 
+def appended(spans: list[ReadableSpan], decision_id: str) -> ReadableSpan | None:
+    """The ledger's span of the record carrying this decision."""
+    name = f"ledger process {DECISIONS}"
+    return next(
+        (s for s in spans if s.name == name and (s.attributes or {}).get("messaging.message.id") == decision_id), None
+    )
+
+
 def finished(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
     return list(exporter.get_finished_spans())
 
@@ -153,8 +161,8 @@ async def test_one_partner_event_is_one_trace_from_the_deciding_service_to_the_l
             headers.append(("traceparent", context.encode()))
             await partner.send_raw(PLEDGES_TOPIC, key, value, headers)
             outcome = await outcomes.outcome(event_id)
-            appended = f"ledger process {DECISIONS}"
-            await until(lambda: any(s.name == appended for s in _trace(finished(exporter), partner_trace)))
+            # The ledger's span of this decision, whatever trace it landed in.
+            await until(lambda: appended(finished(exporter), outcome["decision_id"]) is not None)
             # The auditor reads the pledge under the same context: the API's span joins the trace.
             transport = httpx.ASGITransport(app=ledger)
             async with httpx.AsyncClient(transport=transport, base_url="http://ledger") as api:
@@ -169,9 +177,12 @@ async def test_one_partner_event_is_one_trace_from_the_deciding_service_to_the_l
     assert outcome["status"] == "accepted"
     spans = _trace(finished(exporter), partner_trace)
     print(f"\ntrace {partner_trace} (partner span {partner_span}):\n{render(spans)}")
+    append = appended(finished(exporter), outcome["decision_id"])
+    assert append is not None and _hex(append.context.trace_id, 32) == partner_trace, (
+        "the ledger's span is in another trace"
+    )
     decide = _one(spans, f"pledges decide {PLEDGES_TOPIC}")
     publish = _one(spans, f"pledges publish {DECISIONS}")
-    append = _one(spans, f"ledger process {DECISIONS}")
     # Deciding: the child of the partner's span, the decision on it.
     assert decide.parent is not None and decide.parent.is_remote and _hex(decide.parent.span_id, 16) == partner_span
     assert (decide.attributes or {})["gputrace.decision.status"] == "accepted"
