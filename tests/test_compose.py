@@ -42,6 +42,8 @@ ONE_SHOT = {
 LONG_RUNNING = sorted(set(SERVICES_YML) - ONE_SHOT)
 # The services built from our image, i.e. gputrace processes (the rest are Kafka and PostgreSQL).
 OURS = sorted(name for name, s in SERVICES_YML.items() if "build" in s)
+# More nodes and replicas of the services above, in the cluster profile only (tested on their own).
+CLUSTER_ONLY = {name for name, s in SERVICES_YML.items() if "cluster" in s.get("profiles", [])}
 
 
 def _module(command: list[str] | str) -> str | None:
@@ -108,7 +110,7 @@ def test_environment_names_known_settings(name: str) -> None:
 def test_each_service_has_its_own_database_created_by_the_init_script() -> None:
     created = set(SERVICES_YML["postgres"]["environment"]["GPUTRACE_DATABASES"].split())
     seen: set[str] = set()
-    for name in [n for n in OURS if n not in ONE_SHOT]:  # a migrate job works on its service's
+    for name in [n for n in OURS if n not in ONE_SHOT | CLUSTER_ONLY]:  # a migrate job works on its service's
         url = SERVICES_YML[name].get("environment", {}).get("DATABASE_URL")
         if url is None:
             continue
@@ -131,9 +133,11 @@ def test_kafka_is_kraft_4_without_auto_topic_creation() -> None:
     assert conf["auto.create.topics.enable"] == "false"
     assert set(conf["process.roles"].split(",")) == {"broker", "controller"}
     internal = next(a for a in conf["advertised.listeners"].split(",") if a.startswith("INTERNAL://"))
+    internal = internal.replace("$SELF", "kafka")  # node 1's name (the script's name_of)
     for name in OURS:
         servers = SERVICES_YML[name].get("environment", {}).get("KAFKA_BOOTSTRAP_SERVERS")
-        assert servers in (None, internal.removeprefix("INTERNAL://")), f"{name} does not use the compose listener"
+        default = re.sub(r"\$\{\w+:-(.*)\}", r"\1", servers or "")  # ${KAFKA_CLUSTER_BOOTSTRAP:-kafka:9092}
+        assert servers is None or default == internal.removeprefix("INTERNAL://"), f"{name} does not use the listener"
 
 
 def _volume_sources(service: dict[str, Any]) -> list[str]:
@@ -207,7 +211,9 @@ def test_the_ledger_runs_as_the_runtime_role_after_the_owner_s_migrate_job() -> 
         assert postgres_env[variable] in url, f"{variable} differs between postgres and the {role} URL"
 
 
-@pytest.mark.parametrize("name", [n for n in OURS if n not in ONE_SHOT and _module(SERVICES_YML[n]["command"])])
+@pytest.mark.parametrize(
+    "name", [n for n in OURS if n not in ONE_SHOT | CLUSTER_ONLY and _module(SERVICES_YML[n]["command"])]
+)
 def test_each_service_starts_after_its_own_migrate_job(name: str) -> None:
     """A service refuses to start on an older schema (shared/runtime/migrations): the job before it
     runs `gputrace migrate` for that service, on that service's database."""
@@ -238,3 +244,38 @@ def test_a_witness_cosigns_the_ledger_s_checkpoints() -> None:
     keys_env = SERVICES_YML["keys"]["environment"]
     assert keys_env["LEDGER_ORIGIN"] == ledger["environment"]["LEDGER_ORIGIN"]
     assert keys_env["WITNESS_NAME"] == env["WITNESS_NAME"]
+
+
+# --- the cluster profile (issue 13) ----------------------------------------------------------------
+
+
+def test_the_cluster_profile_runs_three_kafka_nodes_and_a_standby_ledger() -> None:
+    nodes = [SERVICES_YML[n] for n in ("kafka", "kafka-2", "kafka-3")]
+    assert [n["environment"]["KAFKA_NODE_ID"] for n in nodes] == ["1", "2", "3"]
+    assert {n["environment"]["CLUSTER_ID"] for n in nodes} == {nodes[0]["environment"]["CLUSTER_ID"]}
+    assert {n["entrypoint"][-1] for n in nodes} == {nodes[0]["entrypoint"][-1]}
+    # Each node its own data, one shared volume (the broker's password), its own host port.
+    data = [next(v for v in n["volumes"] if v.endswith(":/var/lib/kafka")) for n in nodes]
+    assert len(set(data)) == 3 and all("kafka-shared:/var/lib/kafka-shared" in n["volumes"] for n in nodes)
+    assert len({n["ports"][0] for n in nodes}) == 3
+    assert CLUSTER_ONLY == {"kafka-2", "kafka-3", "ledger-standby"} and "profiles" not in SERVICES_YML["kafka"]
+    # The env file of the profile: three voters, all three nodes to bootstrap from, two replicas.
+    env = dict(
+        line.split("=", 1)
+        for line in (ROOT / "infra" / "docker" / "cluster.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert env["COMPOSE_PROFILES"] == "cluster" and env["KAFKA_NODES"] == "3"
+    assert env["KAFKA_CLUSTER_BOOTSTRAP"].split(",") == ["kafka:9092", "kafka-2:9092", "kafka-3:9092"]
+    assert int(env["SERVICE_REPLICAS"]) >= 2
+    assert "${KAFKA_CLUSTER_BOOTSTRAP:-kafka:9092}" == SERVICES_YML["topics"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"]
+    # Topics are made only once the three brokers are up (else fewer copies); outside the profile
+    # the two extra nodes are not required.
+    for node in ("kafka-2", "kafka-3"):
+        assert SERVICES_YML["topics"]["depends_on"][node] == {"condition": "service_healthy", "required": False}
+    standby, ledger = SERVICES_YML["ledger-standby"], SERVICES_YML["ledger"]
+    assert standby["command"] == ledger["command"] and standby["environment"] == ledger["environment"]
+    assert standby["depends_on"] == ledger["depends_on"] and "ports" not in standby
+    assert (
+        ledger["deploy"]["replicas"] == 1 and SERVICES_YML["pledges"]["deploy"]["replicas"] == "${SERVICE_REPLICAS:-1}"
+    )
