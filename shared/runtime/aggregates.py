@@ -11,6 +11,15 @@ never attached in safe mode: a savepoint rolled back would leave it stale, so th
 plain `session.get`. Handlers add rows with `session.add` as usual; the cache sees them
 (SQLAlchemy's transient_to_pending event), so a later record of the same batch finds a row an
 earlier one created even though it is not flushed (pending rows are not in the identity map).
+
+Replicas: every row a batch's transaction reads through the ORM (the cache's loads, `get`,
+`session.get`, `select(Model)` and column selects of a service's tables) is locked `FOR UPDATE` on
+PostgreSQL (`lock_rows_read`, attached by BatchProcessor to every batch's transaction, fast or
+safe). Two replicas deciding events about one row are thus serialised: the second waits for the
+first to commit and then reads the row as the first left it, so it can never decide on a stale
+copy (lost update). One mechanism for every service, no version column to maintain. A deadlock
+between two batches is an OperationalError like an outage: the batch is retried. SQLite
+serialises its writers anyway.
 """
 
 from __future__ import annotations
@@ -20,8 +29,14 @@ from typing import Any, TypeVar
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import inspect, select, tuple_
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, ORMExecuteState
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import Over
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.selectable import Select, TableClause
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+from shared.runtime.db import MECHANISM_TABLES
 
 _CACHE = "gputrace.aggregates"
 # Stay well below PostgreSQL's bind-parameter limit, as the idempotency-key query does.
@@ -131,3 +146,34 @@ def _as_tuple(key: Any) -> tuple[Any, ...]:
 
 def _pk(row: Any) -> tuple[Any, ...]:
     return tuple(inspect(type(row)).primary_key_from_instance(row))
+
+
+# The runtime's own rows (idempotency keys, failure counts, outbox) are never a domain aggregate.
+_UNLOCKED = frozenset(t.name for t in MECHANISM_TABLES)
+
+
+def lock_rows_read(session: AsyncSession) -> None:
+    """For this session's transaction: every ORM read of a service's table takes the rows FOR
+    UPDATE (PostgreSQL), so no other replica's transaction can change them until this one ends."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        sa_event.listen(session.sync_session, "do_orm_execute", _lock_reads)
+
+
+def _lock_reads(state: ORMExecuteState) -> None:
+    if state.is_select and not state.is_column_load and not state.is_relationship_load:
+        if _lockable(state.statement):
+            state.statement = state.statement.with_for_update()  # type: ignore[attr-defined]
+
+
+def _lockable(stmt: Any) -> bool:
+    """A plain SELECT of rows of a service's tables: PostgreSQL refuses FOR UPDATE with GROUP
+    BY, DISTINCT, aggregates or windows, and a join or subquery would lock more than asked."""
+    if not isinstance(stmt, Select) or stmt._for_update_arg is not None:
+        return False
+    # Private attributes, but the only way to see these clauses on a built statement.
+    if stmt._group_by_clauses or stmt._having_criteria or stmt._distinct or stmt._setup_joins:
+        return False
+    froms = stmt.get_final_froms()
+    if not froms or not all(isinstance(f, TableClause) and f.name not in _UNLOCKED for f in froms):
+        return False
+    return not any(isinstance(e, FunctionElement | Over) for c in stmt.selected_columns for e in visitors.iterate(c))

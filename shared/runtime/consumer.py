@@ -70,7 +70,7 @@ from shared.contract.decisions import (
     decision_id,
 )
 from shared.contract.parties import PartyRegistry, RegisteredParty
-from shared.runtime.aggregates import AggregateCache
+from shared.runtime.aggregates import AggregateCache, lock_rows_read
 from shared.runtime.db import DeliveryFailure, ProcessedMessage, utcnow
 from shared.runtime.observability import (
     DEAD_LETTERS,
@@ -474,6 +474,8 @@ class BatchProcessor:
         self._tally = {}
         async with self._sessions() as session, session.begin():
             pending = Pending.attach(session)
+            # The rows the batch reads stay as read until it commits (another replica waits).
+            lock_rows_read(session)
             seen = await _already_processed(session, [i.key for i in items])
             # Failed tries so far, read only when something already went wrong (safe mode).
             failures = await _failures(session, [i.position for i in items]) if safe else {}
