@@ -17,10 +17,11 @@ from aiokafka import ConsumerRecord
 from sqlalchemy import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.pledges.main import HANDLERS, PledgeRow, prefetch
-from shared.contract import DLQ_TOPIC, OUTCOMES_TOPIC, PLEDGES_TOPIC, event_type
-from shared.contract.decisions import Accepted, Verdict
+from services.pledges.main import HANDLERS, PLEDGES, PledgeRow, prefetch
+from shared.contract import DLQ_TOPIC, OUTCOMES_TOPIC, PLEDGES_TOPIC, ReasonCode, event_type
+from shared.contract.decisions import Accepted, Rejected, Verdict
 from shared.contract.parties import PartyRegistry
+from shared.runtime import aggregates
 from shared.runtime.consumer import MAX_TRIES, BatchProcessor, Inbound, RetryBatch
 from shared.runtime.db import OutboxMessage, create_tables, make_engine, session_factory
 from tests.partner import PartnerClient
@@ -123,9 +124,11 @@ def _with_ids(events: list[tuple[str, str, dict[str, Any]]], **ids: str) -> list
     ("events", "safe_mode", "expected"),
     [
         (ALL_ACCEPTED, False, ["accepted"] * 5),
-        (SOME_REJECTED, True, ["accepted"] * 5 + ["DUPLICATE_PLEDGE", "NOT_AUTHORIZED", "PLEDGE_WITHDRAWN"]),
+        # Pledges' rejections come before any write, and its writes are deferred upserts (no ORM
+        # object left dirty): the batch stays on the fast path.
+        (SOME_REJECTED, False, ["accepted"] * 5 + ["DUPLICATE_PLEDGE", "NOT_AUTHORIZED", "PLEDGE_WITHDRAWN"]),
     ],
-    ids=["fast-path", "rejections-replayed"],
+    ids=["fast-path", "rejections-on-the-fast-path"],
 )
 async def test_one_batch_decides_as_one_record_at_a_time(
     keys: Path,
@@ -185,4 +188,22 @@ async def test_a_row_the_database_refuses_fails_only_its_record(keys: Path, sess
         topics = [r.topic for r in (await session.execute(select(OutboxMessage))).scalars()]
     assert topics.count(DLQ_TOPIC) == 1
     assert [o[:2] for o in await outcomes(sessions)] == [("accepted", None), ("rejected", "INTERNAL_ERROR")]
+    assert set(await states(sessions)) == {good}
+
+
+async def test_a_rejection_after_a_deferred_write_replays_the_batch(keys: Path, sessions: Any) -> None:
+    """A handler that defers an upsert (shared.runtime.aggregates.upsert) and then rejects its
+    event sends the batch to safe mode, where the record's savepoint undoes the write: a rejected
+    event leaves no change behind, and the batch's other records are decided as before."""
+
+    async def upsert_then_reject(session: AsyncSession, inbound: Inbound) -> Verdict:
+        row = {"pledge_id": inbound.aggregate_id, "partner_id": "kdb", "state": "{}"}
+        await aggregates.upsert(session, PLEDGES, row, keys=("pledge_id",), update=("state",))
+        return Rejected(reason_code=ReasonCode.PLEDGE_WITHDRAWN, message="changed its mind")
+
+    handlers = {**HANDLERS, event_type("pledge.withdrawn.v1"): upsert_then_reject}
+    good, bad = f"P-{uuid.uuid4().hex[:6]}", f"P-{uuid.uuid4().hex[:6]}"
+    batch = records(keys, [("kdb", "pledge.committed.v1", pledge(good)), ("kdb", "pledge.withdrawn.v1", withdraw(bad))])
+    await processor(sessions, keys, handlers).process(batch)
+    assert [o[:2] for o in await outcomes(sessions)] == [("accepted", None), ("rejected", "PLEDGE_WITHDRAWN")]
     assert set(await states(sessions)) == {good}
