@@ -24,11 +24,13 @@ serialises its writers anyway.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
+from sqlalchemy import Table, inspect, select, tuple_
 from sqlalchemy import event as sa_event
-from sqlalchemy import inspect, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import Over
@@ -50,6 +52,13 @@ class AggregateCache:
 
     def __init__(self, session: AsyncSession) -> None:
         self._rows: dict[tuple[type, tuple[Any, ...]], Any] = {}
+        # Plain values a service keeps for the batch by name (`known`), e.g. a table's rows by key.
+        self.values: dict[str, dict[Any, Any]] = {}
+        # Upserts deferred to the batch's end (`upsert`): per (table, key columns, updated
+        # columns), the rows by key, a later row of a key replacing the earlier one.
+        self.upserts: dict[tuple[Table, tuple[str, ...], tuple[str, ...]], dict[Any, dict[str, Any]]] = {}
+        # How many upserts were deferred: the BatchProcessor tells a handler's changes by it.
+        self.deferred = 0
         # (model, column position) -> values for which every row was loaded (see load_where).
         self._complete: dict[tuple[type, int], set[Any]] = {}
         sa_event.listen(session.sync_session, "transient_to_pending", self._added)
@@ -132,6 +141,58 @@ async def load_where(session: AsyncSession, model: type, column: str, values: It
     cache = cache_of(session)
     if cache:
         await cache.load_where(session, model, column, values)
+
+
+def known(session: AsyncSession, name: str) -> dict[Any, Any] | None:
+    """The batch's dict `name` of plain values a service reads and keeps up to date itself (its
+    prefetch fills it; a later record sees what an earlier one wrote); None without a cache
+    (safe mode), where the service reads the database."""
+    cache = cache_of(session)
+    return cache.values.setdefault(name, {}) if cache else None
+
+
+async def upsert(
+    session: AsyncSession, table: Table, row: dict[str, Any], keys: Sequence[str], update: Sequence[str]
+) -> None:
+    """INSERT `row`, or UPDATE its `update` columns if a row with its `keys` exists. On the fast
+    path the write waits for the batch's end (`write_deferred`): one statement for all the batch's
+    rows of this table instead of an ORM object and a flush per row. Without a cache (safe mode)
+    it runs now, inside the record's savepoint, so a rolled-back record leaves nothing."""
+    cache = cache_of(session)
+    if cache is None:
+        await session.execute(_upsert(session, table, keys, update), [row])
+        return
+    cache.deferred += 1
+    rows = cache.upserts.setdefault((table, tuple(keys), tuple(update)), {})
+    key = tuple(row[k] for k in keys)
+    # Re-inserted at the end: the batch's rows go in the order of their last write.
+    rows.pop(key, None)
+    rows[key] = row
+
+
+def deferred_writes(session: AsyncSession) -> int:
+    """How many upserts this batch has deferred so far (0 without a cache)."""
+    cache = cache_of(session)
+    return cache.deferred if cache else 0
+
+
+async def write_deferred(session: AsyncSession) -> None:
+    """The batch's deferred upserts, one statement per table (called by the BatchProcessor once
+    the batch's records are decided, before its outbox rows). A key appears once per statement:
+    PostgreSQL refuses an upsert that would touch a row twice."""
+    cache = cache_of(session)
+    if cache is None:
+        return
+    upserts, cache.upserts = cache.upserts, {}
+    for (table, keys, update), rows in upserts.items():
+        if rows:
+            await session.execute(_upsert(session, table, keys, update), list(rows.values()))
+
+
+def _upsert(session: AsyncSession, table: Table, keys: Sequence[str], update: Sequence[str]) -> Any:
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    stmt = (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in update})
 
 
 def strings(values: Iterable[Any]) -> list[str]:

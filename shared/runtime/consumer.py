@@ -70,7 +70,7 @@ from shared.contract.decisions import (
     decision_id,
 )
 from shared.contract.parties import PartyRegistry, RegisteredParty
-from shared.runtime.aggregates import AggregateCache, lock_rows_read
+from shared.runtime.aggregates import AggregateCache, deferred_writes, lock_rows_read, write_deferred
 from shared.runtime.db import DeliveryFailure, ProcessedMessage, utcnow
 from shared.runtime.observability import (
     DEAD_LETTERS,
@@ -295,6 +295,8 @@ class _Watch:
     def __init__(self, session: AsyncSession) -> None:
         self.active = False
         self.changed = False
+        self._session = session
+        self._deferred = 0
         sa_event.listen(session.sync_session, "before_flush", self._before_flush)
 
     def _before_flush(self, session: Any, *_: Any) -> None:
@@ -303,10 +305,14 @@ class _Watch:
 
     def __enter__(self) -> _Watch:
         self.active, self.changed = True, False
+        self._deferred = deferred_writes(self._session)
         return self
 
     def __exit__(self, *_: object) -> None:
         self.active = False
+        # Upserts the handler deferred to the batch's end (shared.runtime.aggregates) are changes too.
+        if deferred_writes(self._session) != self._deferred:
+            self.changed = True
 
 
 def _domain_changes(session: Any) -> bool:
@@ -772,6 +778,8 @@ class BatchProcessor:
 async def _flush_or_safe_mode(session: AsyncSession) -> None:
     try:
         await session.flush()
+        # The handlers' deferred upserts (shared.runtime.aggregates.upsert): one statement per table.
+        await write_deferred(session)
     except Exception as exc:
         if _is_infrastructure(exc):
             raise
