@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help run test install lint format fetch-kafka demo bench bench-api chaos up down logs docs clean
+.PHONY: help run test install lint format fetch-kafka demo bench bench-api chaos chaos-cluster up down logs docs clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench-api: install ## Auditor API p50/p95/p99 at 50 clients vs /healthz, proofs 
 
 chaos: install ## Seeded SIGKILLs of every service, the broker and PostgreSQL under load (EVENTS=20000 SEED=1)
 	$(BIN)/python -m tests.chaos --events $${EVENTS:-20000} --seed $${SEED:-1}
+
+chaos-cluster: install ## 3 brokers, 2 replicas of every service: SIGSTOP/SIGKILL a replica, a leader's broker, the active ledger (EVENTS=4000 SEED=1)
+	$(BIN)/python -m tests.cluster --events $${EVENTS:-4000} --seed $${SEED:-1}
 
 up: ## docker compose up (needs a Docker engine)
 	docker compose up -d --build

@@ -12,8 +12,9 @@ records beyond one each), stalled (consumer groups with records left to read aft
 period), ledger entries against decisions, and the auditor's `verify`. A JSON summary too; the
 exit status is non-zero when anything is off.
 
-The pieces (workload, raw tally, lag, ledger check, audit) are also what the crash tests and the
-short chaos test in `make test` use.
+The pieces (workload, raw tally, lag, ledger check, audit, the run itself with its fault
+injector) are also what the crash tests, the short chaos test in `make test` and the cluster run
+(tests/cluster.py: three brokers, two replicas of every service) use.
 """
 
 from __future__ import annotations
@@ -511,14 +512,18 @@ class Lag:
 
     async def of(self, service: str) -> int:
         """Readable records between the group's committed offsets and the topics' ends."""
+        return sum((await self.pending(service)).values())
+
+    async def pending(self, service: str) -> dict[TopicPartition, int]:
+        """The same, per partition of the group's topics."""
         partitions = [TopicPartition(t, p) for t in GROUP_TOPICS[service] for p in range(TOPIC_PARTITIONS[t])]
         ends = await self._probe.end_offsets(partitions)
         committed = await self.committed(service)
-        lag = 0
+        lag = dict.fromkeys(partitions, 0)
         for tp in partitions:
             start = committed.get(tp, 0)
             if ends[tp] > start:
-                lag += await self._readable(tp, start, ends[tp])
+                lag[tp] = await self._readable(tp, start, ends[tp])
         return lag
 
     async def _readable(self, tp: TopicPartition, start: int, end: int) -> int:
@@ -580,11 +585,12 @@ def audit_verify(api_url: str, token: str, keys_dir: Path, state: Path) -> subpr
 
 @dataclass
 class Fault:
-    victims: tuple[str, ...]  # service names, "broker" or "postgres"
+    victims: tuple[str, ...]  # service names, "broker" or "postgres" (tests/cluster.py: its own words)
     down_s: float
     at_s: float = 0.0  # seconds after the run started, when it was killed
     restarted_s: float = 0.0  # seconds from the kill until the victims were started again
     recovery_s: float | None = None  # seconds from the kill until every victim made progress again
+    target: str = ""  # what the fault hit, when only known at the time (the leader's broker, a pid)
 
     @property
     def label(self) -> str:
@@ -592,7 +598,9 @@ class Fault:
 
 
 class Faults:
-    """Kills and restarts what a fault names; measures when the victims work again."""
+    """Kills and restarts what a fault names; measures when the victims work again. Subclasses
+    (tests/cluster.py) change what is done to a victim (`take_down`, `bring_up`) and what counts as
+    working again (`inject`, `watched`)."""
 
     def __init__(self, stack: Stack, kafka: LocalKafka | None, pg: LocalPostgres | None, lag: Lag) -> None:
         self.stack, self.kafka, self.pg, self.lag = stack, kafka, pg, lag
@@ -611,9 +619,7 @@ class Faults:
                     say(f"  {name} exited on its own (exit {proc.proc.returncode if proc.proc else '?'}); restarted")
                     proc.start()
 
-    async def inject(self, fault: Fault, started: float) -> None:
-        fault.at_s = time.monotonic() - started
-        t0 = time.monotonic()
+    async def take_down(self, fault: Fault) -> None:
         for victim in fault.victims:
             if victim == "broker":
                 assert self.kafka is not None
@@ -624,7 +630,8 @@ class Faults:
             else:
                 self.down.add(victim)
                 self.stack.processes[victim].kill()
-        await asyncio.sleep(fault.down_s)
+
+    async def bring_up(self, fault: Fault) -> None:
         for victim in fault.victims:
             if victim == "broker":
                 assert self.kafka is not None
@@ -635,9 +642,19 @@ class Faults:
             else:
                 self.stack.processes[victim].start()
                 self.down.discard(victim)
+
+    def watched(self, fault: Fault) -> list[str]:
+        """The consumer groups whose progress says the fault is over."""
+        return [v for v in fault.victims if v in ALL_SERVICES] or list(ALL_SERVICES)
+
+    async def inject(self, fault: Fault, started: float) -> None:
+        fault.at_s = time.monotonic() - started
+        t0 = time.monotonic()
+        await self.take_down(fault)
+        await asyncio.sleep(fault.down_s)
+        await self.bring_up(fault)
         fault.restarted_s = time.monotonic() - t0
-        services = [v for v in fault.victims if v in ALL_SERVICES] or list(ALL_SERVICES)
-        self.watching.append(asyncio.create_task(self._recovery(fault, t0, services)))
+        self.watching.append(asyncio.create_task(self._recovery(fault, t0, self.watched(fault))))
 
     async def _recovery(self, fault: Fault, t0: float, services: list[str], timeout: float = 300) -> None:
         """Progress again: a victim's group has committed past where it stood at the restart,
@@ -731,10 +748,15 @@ async def chaos_run(
     seed: int,
     rate: float,
     plan: list[Fault] | None = None,
+    faults: Callable[[Lag], Faults] | None = None,
+    fault_span: float = 1.0,
     settle_timeout: float = 600,
     grace: float = 120,
     say: Callable[[str], None] = print,
 ) -> Report:
+    """The workload published on a fixed schedule while `plan` is injected (by `faults(lag)`, default
+    Faults: kill and restart) over the first `fault_span` of the publishing window, then everything
+    counted; see the module's docstring."""
     rng = random.Random(seed)
     tag = f"cx{seed}-{uuid.uuid4().hex[:6]}"
     client = PartnerClient(bootstrap, keys_dir)
@@ -745,19 +767,20 @@ async def chaos_run(
     replays_before = safe_mode_replays(stack)
     prefix = stack.base_env["CONSUMER_GROUP_PREFIX"]
     async with RawTally(bootstrap, tag) as tally, Publisher(bootstrap) as pub, Lag(bootstrap, prefix) as lag:
-        faults = Faults(stack, kafka, pg, lag)
-        supervisor = asyncio.create_task(faults.supervise(say))
+        injector = faults(lag) if faults else Faults(stack, kafka, pg, lag)
+        supervisor = asyncio.create_task(injector.supervise(say))
         started = time.monotonic()
 
         async def run_faults() -> None:
             # Spread over the publishing window; each waits for the previous restart to finish.
             for i, fault in enumerate(plan):
-                due = started + window * (i + rng.uniform(0.3, 0.9)) / len(plan)
+                due = started + window * fault_span * (i + rng.uniform(0.3, 0.9)) / len(plan)
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
-                await faults.inject(fault, started)
+                await injector.inject(fault, started)
+                hit = f" ({fault.target})" if fault.target else ""
                 say(
                     f"  t={fault.at_s:6.1f}s  killed {fault.label:<26} down {fault.down_s:.1f}s, "
-                    f"restarted after {fault.restarted_s:.1f}s"
+                    f"restarted after {fault.restarted_s:.1f}s{hit}"
                 )
 
         fault_task = asyncio.create_task(run_faults())
@@ -793,7 +816,7 @@ async def chaos_run(
         duplicated=counts.duplicated,
         stalled={g: n for g, n in lags.items() if n},
         safe_mode_replays=safe_mode_replays(stack) - replays_before,
-        exits=dict(faults.exits),
+        exits=dict(injector.exits),
         audit_verify=done.returncode,
         audit_output=(done.stdout + done.stderr)[-2000:],
     )
