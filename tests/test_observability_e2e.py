@@ -54,6 +54,20 @@ async def _batch_line(stack: Stack, service: str, event_id: str, timeout: float 
         await asyncio.sleep(0.3)
 
 
+async def _appended_entry(stack: Stack, event_id: str, timeout: float = 30) -> dict[str, object]:
+    """The entry naming this event in one of the ledger's INFO lines per appended batch."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        text = stack.processes["ledger"].log_path.read_text(errors="replace")
+        for doc in _json_lines(text):
+            for entry in doc.get("entries") or []:  # type: ignore[attr-defined]
+                if doc.get("level") == "INFO" and entry.get("event_id") == event_id:
+                    return entry  # type: ignore[no-any-return]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no ledger batch line naming {event_id}")
+        await asyncio.sleep(0.3)
+
+
 async def test_trace_context_and_structured_logs_from_partner_to_ledger(
     partner: PartnerClient, outcomes: TopicWatcher, kafka_bootstrap: str, stack: Stack
 ) -> None:
@@ -85,10 +99,10 @@ async def test_trace_context_and_structured_logs_from_partner_to_ledger(
     assert child_span != span_id, "the service's span is a child of the partner's, not a copy"
 
     # The pledges service logs each batch as one JSON line at INFO naming its events (the decision's
-    # own line is DEBUG); the ledger logs the append with its leaf index, under the same trace.
+    # own line is DEBUG); the ledger's line per batch names each entry's leaf index, event and trace.
     decided = await _batch_line(stack, "pledges", event_id)
     assert decided["level"] == "INFO" and "accepted" in decided["decisions"]  # type: ignore[operator]
-    appended = await _log_line(stack, "ledger", {"event_id": event_id})
+    appended = await _appended_entry(stack, event_id)
     assert str(appended["traceparent"]).split("-")[1] == trace_id
     assert isinstance(appended["leaf_index"], int)
 

@@ -26,6 +26,7 @@ from shared.runtime.consumer import ENVELOPE_FIELD, Emitter
 from shared.runtime.observability import LEDGER_SIZE
 
 _WRITER = "gputrace.log_writer"
+_APPENDED = "gputrace.ledger.appended"
 log = logging.getLogger(__name__)
 
 
@@ -58,18 +59,21 @@ class Appender:
             aggregate_id=_fit(decision.aggregate_id),
             party_id=_fit(decision.party_id),
         )
-        log.info(
-            "appended %s",
-            decision.event_type,
-            extra={
-                "leaf_index": appended.leaf_index,
-                "decision_id": decision.decision_id,
-                "event_id": (decision.event or {}).get("id"),
-                "batch_id": decision.batch_id,
-                "party": decision.party_id,
-                "traceparent": event.trace.get("traceparent"),
-            },
-        )
+        # One INFO line per batch names its entries (after_batch); per entry only at DEBUG.
+        entry = {
+            "leaf_index": appended.leaf_index,
+            "decision_id": decision.decision_id,
+            "event_id": (decision.event or {}).get("id"),
+            "traceparent": event.trace.get("traceparent"),
+        }
+        # By leaf index: a record rolled back to its savepoint (safe mode) frees its index for the next.
+        session.info.setdefault(_APPENDED, {})[appended.leaf_index] = entry
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "appended %s",
+                decision.event_type,
+                extra={**entry, "batch_id": decision.batch_id, "party": decision.party_id},
+            )
 
     async def after_batch(self, session: AsyncSession) -> None:
         # The projections' per-batch writes (running totals, timeline steps): one statement each.
@@ -83,6 +87,16 @@ class Appender:
                 # After the commit, not now: before it the checkpoint is invisible to other sessions.
                 event.listen(session.sync_session, "after_commit", lambda _: notify(), once=True)
             await self.statistics.refresh(session, writer.size)
+            appended = session.info.pop(_APPENDED, {})
+            entries = [e for i, e in sorted(appended.items()) if writer.start_size <= i < writer.size]
+            if entries:
+                log.info(
+                    "appended %d entries (leaves %d to %d)",
+                    len(entries),
+                    entries[0]["leaf_index"],
+                    entries[-1]["leaf_index"],
+                    extra={"entries": entries},
+                )
 
 
 def signed_entry(event: CloudEvent) -> dict[str, Any]:

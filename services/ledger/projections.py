@@ -137,34 +137,49 @@ def pledge_totals(p: dict[str, Any]) -> Deltas:
     return out
 
 
+# The pledge views as a table: a batch writes them with one upsert (shared.runtime.aggregates),
+# not an ORM object and flush per decision; the batch reads (version, state) from a plain dict.
+_PLEDGE_VIEWS = PledgeView.__table__  # type: ignore[attr-defined]
+_VIEWS = "ledger.pledge_views"
+_VIEW_UPDATES = ("earmark_batch_id", "version", "state", "leaf_index")
+
+
+async def _pledge_view(session: AsyncSession, pledge_id: str) -> tuple[int, str] | None:
+    """(version, state) of a pledge's view, from the batch's dict when the prefetch has it."""
+    views = aggregates.known(session, _VIEWS)
+    if views is not None and pledge_id in views:
+        return views[pledge_id]
+    t = _PLEDGE_VIEWS.c
+    row = (await session.execute(select(t.version, t.state).where(t.pledge_id == pledge_id))).first()
+    view = (row.version, row.state) if row is not None else None
+    if views is not None:
+        views[pledge_id] = view
+    return view
+
+
 async def _project_pledge(session: AsyncSession, pledge: PledgeFacts, leaf_index: int) -> Deltas:
-    view = await aggregates.get(session, PledgeView, pledge.pledge_id)
+    view = await _pledge_view(session, pledge.pledge_id)
+    if view is not None and pledge.version <= view[0]:
+        return []  # versions, not arrival order, decide: the view never goes back in time
     # The view keeps the fact's JSON as it is in the ledger entry.
     doc = pledge.model_dump(mode="json")
     state = json.dumps(doc)
+    row = {
+        "pledge_id": pledge.pledge_id,
+        "partner_id": pledge.partner_id,
+        "program_id": pledge.program_id,
+        "earmark_batch_id": pledge.earmark_batch_id,
+        "version": pledge.version,
+        "state": state,
+        "leaf_index": leaf_index,
+    }
+    await aggregates.upsert(session, _PLEDGE_VIEWS, row, keys=("pledge_id",), update=_VIEW_UPDATES)
+    views = aggregates.known(session, _VIEWS)
+    if views is not None:
+        views[pledge.pledge_id] = (pledge.version, state)  # a later decision of the batch sees it
     if view is None:
-        session.add(
-            PledgeView(
-                pledge_id=pledge.pledge_id,
-                partner_id=pledge.partner_id,
-                program_id=pledge.program_id,
-                earmark_batch_id=pledge.earmark_batch_id,
-                version=pledge.version,
-                state=state,
-                leaf_index=leaf_index,
-            )
-        )
         return pledge_totals(doc)
-    if pledge.version > view.version:
-        # Versions, not arrival order, decide: the view never goes back in time.
-        old = json.loads(view.state)
-        view.version = pledge.version
-        view.earmark_batch_id = pledge.earmark_batch_id
-        view.state = state
-        view.leaf_index = leaf_index
-        session.add(view)
-        return [*pledge_totals(doc), *((k, -v) for k, v in pledge_totals(old))]
-    return []
+    return [*pledge_totals(doc), *((k, -v) for k, v in pledge_totals(json.loads(view[1])))]
 
 
 async def flush(session: AsyncSession) -> None:
@@ -224,7 +239,15 @@ async def prefetch(session: AsyncSession, events: Sequence[CloudEvent]) -> None:
         elif isinstance(pledge, dict):
             pledges.append(pledge.get("pledge_id"))
             batches.append(pledge.get("earmark_batch_id"))
-    await aggregates.load(session, PledgeView, aggregates.strings(pledges))
+    views = aggregates.known(session, _VIEWS)
+    wanted = [p for p in dict.fromkeys(aggregates.strings(pledges)) if views is not None and p not in views]
+    t = _PLEDGE_VIEWS.c
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        rows = await session.execute(select(t.pledge_id, t.version, t.state).where(t.pledge_id.in_(chunk)))
+        views.update({r.pledge_id: (r.version, r.state) for r in rows})  # type: ignore[union-attr]
+        for pledge_id in chunk:
+            views.setdefault(pledge_id, None)  # type: ignore[union-attr]
     await aggregates.load(session, BatchView, aggregates.strings(batches))
     await aggregates.load_where(session, BatchParty, "batch_id", aggregates.strings(batches))
 
