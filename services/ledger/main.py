@@ -1,10 +1,13 @@
 """The ledger service: consumes every service's decisions into the Merkle log and serves auditors.
 
-One process: a FastAPI app whose lifespan runs the Kafka subscriber (shared mechanism).
+One process: a FastAPI app whose lifespan runs the Kafka subscriber (shared mechanism). Several
+instances may run: each serves the API, one at a time appends (services.ledger.leadership), the
+others stand by and take over when it dies; /readyz says which (`role`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from importlib.metadata import version
@@ -16,6 +19,7 @@ from services.ledger.api import router
 from services.ledger.appender import Appender
 from services.ledger.auth import TokenFileError, Tokens, load_tokens
 from services.ledger.dashboard import router as dashboard_router
+from services.ledger.leadership import Leadership
 from services.ledger.log import LOG_TABLES, install_append_only_guards
 from services.ledger.log_api import log_router
 from services.ledger.projections import PROJECTION_TABLES, prefetch, upgrade
@@ -88,13 +92,41 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
             await install_append_only_guards(conn)
         await upgrade(service.engine)
 
+    # One appender at a time: the consumer runs only while this instance leads. Its lock lives on
+    # a connection of its own (closing it frees the lock), apart from the consumer's pool.
+    leader_engine = make_engine(service.engine.url.render_as_string(hide_password=False), 1)
+    leadership = Leadership(leader_engine)
+    leading: list[asyncio.Task[None]] = []
+
+    async def activate() -> None:
+        await service.broker.start()
+        service.readiness.note_role("active", service.broker)
+
+    async def stand_by() -> None:
+        service.readiness.note_role("standby")
+        await service.broker.stop()
+
+    async def start_leading() -> None:
+        service.readiness.note_role("standby")
+        leading.append(asyncio.create_task(leadership.run(activate, stand_by), name="ledger-leadership"))
+
+    async def stop_leading() -> None:
+        for task in leading:
+            task.cancel()
+        await asyncio.gather(*leading, return_exceptions=True)
+        if leadership.role == "active":
+            await service.broker.stop()
+        await leader_engine.dispose()
+
     app = service.http_app(
         title="gputrace ledger",
         description="The tamper-evident record of the national GPU programme, for auditors.",
-        on_startup=[guard_log],
-        on_shutdown=[api_engine.dispose],
-        consume=consume,
+        on_startup=[guard_log, *([start_leading] if consume else [])],
+        on_shutdown=[*([stop_leading] if consume else []), api_engine.dispose],
+        # The consumer is started and stopped by the leadership above, not by the app's lifespan.
+        consume=False,
     )
+    app.state.leadership = leadership
     app.version = version("gputrace")  # the installed package's, so the schema names the code it describes
     app.state.tokens = tokens
     app.state.sessions = session_factory(api_engine)

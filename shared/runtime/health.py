@@ -6,6 +6,10 @@ when the broker does not answer, when records wait but no batch completed for
 `READINESS_STALL_SECONDS`, or when the outbox relay completed no round for
 `READINESS_RELAY_SECONDS`.
 
+A service of which one instance is active at a time (the ledger's appender) says which it is:
+`role` is `active` or `standby` in the report. A standby consumes nothing, so it is ready as long
+as it can take over (its relay and, when it becomes active, the consumer checks as usual).
+
 The consumer loop feeds `Readiness` through a FastStream middleware (every polled batch starts,
 ends or fails there), the outbox relay after each round; the broker and the lag are probed when
 `/readyz` is asked.
@@ -30,14 +34,19 @@ class Report:
     ready: bool
     reasons: list[str] = field(default_factory=list)
     lag: int | None = None
+    # "active" or "standby" for a service with one active instance at a time, else None.
+    role: str | None = None
 
     def as_json(self, service: str) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "status": "ready" if self.ready else "not ready",
             "service": service,
             "reasons": self.reasons,
             "lag": self.lag,
         }
+        if self.role is not None:
+            doc["role"] = self.role
+        return doc
 
 
 def _describe(exc: BaseException) -> str:
@@ -68,6 +77,18 @@ class Readiness:
         self._relay_ok = now
         self._relay_error: str | None = None
         self._relay_failures = 0
+        # Set by a service with one active instance at a time (note_role).
+        self.role: str | None = None
+        self._role_broker: KafkaBroker | None = None
+
+    def note_role(self, role: str, broker: KafkaBroker | None = None) -> None:
+        """This instance became `active` (consuming with `broker`) or `standby` (consuming nothing)."""
+        self.role = role
+        self._role_broker = broker if role == "active" else None
+        # Taking over counts as progress: the backlog it finds gets its full grace period.
+        self._progress = self._clock()
+        self._waiting_since = self._in_flight_since = None
+        self._batch_error = None
 
     # --- fed by the consumer loop and the relay ---------------------------------------------
 
@@ -161,6 +182,8 @@ class Readiness:
         """The verdict; `broker` is None when this process does not consume (no broker checks)."""
         reasons: list[str] = []
         lag: int | None = None
+        # Whoever runs the consumer when active started it itself: its broker comes from note_role.
+        broker = broker if broker is not None else self._role_broker
         if broker is not None:
             if not await broker.ping(timeout=self.probe_timeout):
                 reasons.append(f"Kafka broker unreachable (no answer in {self.probe_timeout:g}s)")
@@ -170,7 +193,7 @@ class Readiness:
                 reasons.append(why)
         if why := self.relay_stuck():
             reasons.append(why)
-        return Report(ready=not reasons, reasons=reasons, lag=lag)
+        return Report(ready=not reasons, reasons=reasons, lag=lag, role=self.role)
 
 
 async def consumer_lag(broker: KafkaBroker, timeout: float) -> int | None:
