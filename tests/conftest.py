@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -135,6 +136,97 @@ async def api(stack: Stack, tokens: dict[str, str]) -> AsyncIterator[httpx.Async
         yield client
 
 
+# --- the same services on the embedded default (SQLite), for the tests that matter -------------
+# Opt in per test with @pytest.mark.parametrize("backend", ["postgres", "sqlite"]) and read the
+# stack's parts from `e2e`. The SQLite stack has a broker of its own: two stacks on one broker would
+# both decide every event. Started on first use (a second broker and five services: ~30 s).
+
+
+@pytest.fixture(scope="session")
+def sqlite_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or docker_available():
+        pytest.skip("the SQLite stack needs a broker of its own (local Kafka; not an external or container one)")
+    kafka = LocalKafka(tmp_path_factory.mktemp("sqlite-kafka")).start()
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def sqlite_running(
+    sqlite_kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, dict[str, str], Path]]:
+    workdir = tmp_path_factory.mktemp("sqlite-stack")
+    stack, tokens = start_stack(sqlite_kafka.bootstrap, None, workdir)
+    yield stack, tokens, workdir
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+async def sqlite_partner(
+    sqlite_kafka: LocalKafka, sqlite_running: tuple[Stack, dict[str, str], Path]
+) -> AsyncIterator[PartnerClient]:
+    async with PartnerClient(sqlite_kafka.bootstrap, sqlite_running[2] / "keys") as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def sqlite_outcomes(
+    sqlite_kafka: LocalKafka, sqlite_running: tuple[Stack, dict[str, str], Path]
+) -> AsyncIterator[TopicWatcher]:
+    watcher = await TopicWatcher(sqlite_kafka.bootstrap, "gputrace.outcomes.v1").start()
+    yield watcher
+    await watcher.stop()
+
+
+@pytest.fixture(scope="session")
+async def sqlite_api(sqlite_running: tuple[Stack, dict[str, str], Path]) -> AsyncIterator[httpx.AsyncClient]:
+    stack, tokens, _ = sqlite_running
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=auditor_headers(tokens), timeout=30) as client:
+        yield client
+
+
+@dataclass
+class E2E:
+    """One running system: its broker, services, keys and the clients the tests drive it with."""
+
+    backend: str
+    kafka_bootstrap: str
+    stack: Stack
+    tokens: dict[str, str]
+    keys_dir: Path
+    partner: PartnerClient
+    outcomes: TopicWatcher
+    api: httpx.AsyncClient
+
+    @property
+    def database_urls(self) -> dict[str, str]:
+        return self.stack.database_urls
+
+
+@pytest.fixture(scope="session")
+def backend() -> str:
+    """PostgreSQL unless a test parametrises `backend` (then also "sqlite")."""
+    return "postgres"
+
+
+@pytest.fixture
+def e2e(backend: str, request: pytest.FixtureRequest) -> E2E:
+    get = request.getfixturevalue
+    if backend == "sqlite":
+        stack, tokens, workdir = get("sqlite_running")
+        kafka = get("sqlite_kafka").bootstrap
+        return E2E(
+            backend, kafka, stack, tokens, workdir / "keys", get("sqlite_partner"), get("sqlite_outcomes"),
+            get("sqlite_api"),
+        )  # fmt: skip
+    return E2E(
+        backend, get("kafka_bootstrap"), get("stack"), get("tokens"), get("keys_dir"), get("partner"),
+        get("outcomes"), get("api"),
+    )  # fmt: skip
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """On a failing end-to-end test, append the services' last log lines to the report."""
@@ -143,4 +235,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         running = item.funcargs.get("running") if hasattr(item, "funcargs") else None
         if running:
             report.sections.append(("service logs", dump_logs(running[0])))
+    elif report.failed and "e2e" in getattr(item, "fixturenames", ()):
+        e2e = item.funcargs.get("e2e") if hasattr(item, "funcargs") else None
+        if isinstance(e2e, E2E):
+            report.sections.append((f"service logs ({e2e.backend})", dump_logs(e2e.stack)))
     return report

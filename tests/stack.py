@@ -60,7 +60,8 @@ def available_services() -> tuple[str, ...]:
     return tuple(s for s in SERVICES if importlib.util.find_spec(f"services.{s}.main") is not None)
 
 
-def start_stack(kafka: str, admin_url: str, workdir: Path) -> tuple[Stack, dict[str, str]]:
+def start_stack(kafka: str, admin_url: str | None, workdir: Path) -> tuple[Stack, dict[str, str]]:
+    """`admin_url` None: each service in its own SQLite file (the embedded default, `make run`)."""
     run_id = uuid.uuid4().hex[:8]
     keys = workdir / "keys"
     tokens = make_keys(keys)
@@ -78,10 +79,13 @@ def start_stack(kafka: str, admin_url: str, workdir: Path) -> tuple[Stack, dict[
             "LOG_JSON": "true",
         },
         log_dir=workdir / "logs",
-        database_urls=create_databases(admin_url, run_id, names),
+        database_urls=create_databases(admin_url, run_id, names)
+        if admin_url
+        else {n: f"sqlite+aiosqlite:///{workdir / 'var' / 'data' / n}.db" for n in names},
         api_port=free_port(),
         kafka_principals=secured,
     )
+    (workdir / "var" / "data").mkdir(parents=True, exist_ok=True)
     stack.start(names)
     stack.wait_ready()
     return stack, tokens

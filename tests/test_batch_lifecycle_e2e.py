@@ -4,7 +4,9 @@ batch view (docs/architecture.md §5, issue: the four domain services, choreogra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, LiteralString, TypeVar
@@ -13,6 +15,7 @@ import httpx
 import psycopg
 import pytest
 
+from tests.conftest import E2E
 from tests.partner import PartnerClient, TopicWatcher
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -36,9 +39,17 @@ async def until(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
 
 async def fetch_row(url: str, sql: LiteralString, *params: object) -> tuple[Any, ...] | None:
     """One row from a service's own database (read only: to know what it has stored)."""
+    if url.startswith("sqlite"):  # the embedded default: the service's file, read in a thread
+        return await asyncio.to_thread(_sqlite_row, url.split(":///", 1)[1], sql.replace("%s", "?"), params)
     async with await psycopg.AsyncConnection.connect(url) as conn:
         cur = await conn.execute(sql, params)
         return await cur.fetchone()
+
+
+def _sqlite_row(path: str, sql: str, params: tuple[object, ...]) -> tuple[Any, ...] | None:
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
+        row: tuple[Any, ...] | None = conn.execute(sql, params).fetchone()
+        return row
 
 
 def uid(prefix: str) -> str:
@@ -235,10 +246,10 @@ async def batch_view(api: httpx.AsyncClient, batch: str, until: Any, timeout: fl
     raise AssertionError(f"batch view never got there: {json.dumps(doc, indent=1)[:4000]}")
 
 
-async def test_whole_life_of_a_batch(
-    partner: PartnerClient, outcomes: TopicWatcher, api: httpx.AsyncClient, database_urls: dict[str, str]
-) -> None:
-    g = Programme(partner, outcomes, db=database_urls)
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+async def test_whole_life_of_a_batch(e2e: E2E) -> None:
+    partner, api = e2e.partner, e2e.api
+    g = Programme(partner, e2e.outcomes, db=e2e.database_urls)
     await g.fund()
     await g.request()
     winner = await g.submit("nvidia-partner-kr", "50000000")

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import E2E
 from tests.partner import PartnerClient, TopicWatcher
 from tests.test_batch_lifecycle_e2e import Programme, batch_view, fetch_row, uid, until
 
@@ -199,13 +200,17 @@ class Case(Programme):
 
 
 @pytest.fixture
-def case(
-    partner: PartnerClient, outcomes: TopicWatcher, api: httpx.AsyncClient, database_urls: dict[str, str]
-) -> Callable[..., Case]:
+def case(e2e: E2E) -> Callable[..., Case]:
+    """Cases on the session's stack (PostgreSQL), or on SQLite too where a test parametrises `backend`."""
+
     def make(**kw: Any) -> Case:
-        return Case(partner, outcomes, api, database_urls, **kw)
+        return Case(e2e.partner, e2e.outcomes, e2e.api, e2e.database_urls, **kw)
 
     return make
+
+
+# A representative few also run on the embedded default (SQLite): one rule per service that keeps state.
+BOTH = pytest.mark.parametrize("backend", ["postgres", "sqlite"])
 
 
 # --- pledges ------------------------------------------------------------------------------------
@@ -317,6 +322,7 @@ async def test_a_quote_for_another_model_is_refused(case: Callable[..., Case]) -
     await g.accepted(await g.send_quote({**quote, "model": g.model}))
 
 
+@BOTH
 async def test_a_quote_for_more_than_requested_is_refused(case: Callable[..., Case]) -> None:
     g = case()
     await g.request()
@@ -389,6 +395,7 @@ async def test_a_batch_is_awarded_once(case: Callable[..., Case], api: httpx.Asy
     assert doc["vendor_id"] == VENDOR and doc["quantities"]["awarded"] == g.quantity
 
 
+@BOTH
 async def test_an_award_beyond_earmarked_funding_is_refused_and_flagged(case: Callable[..., Case]) -> None:
     g = case()
     await g.pledge(str(AWARD_TOTAL - 1))
@@ -455,6 +462,7 @@ async def test_a_dispatch_before_export_clearance_is_refused_and_flagged(
     await g.accepted(await g.send_dispatch(shipment, serials))
 
 
+@BOTH
 async def test_dispatched_never_exceeds_awarded(case: Callable[..., Case]) -> None:
     g = case()
     await g.awarded()
@@ -465,6 +473,7 @@ async def test_dispatched_never_exceeds_awarded(case: Callable[..., Case]) -> No
     await g.accepted(await g.send_dispatch(second, rest[:-1]))
 
 
+@BOTH
 async def test_a_serial_is_unique_across_batches(case: Callable[..., Case]) -> None:
     first, second = case(), case()
     await asyncio.gather(first.awarded(), second.awarded())
