@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -73,24 +72,26 @@ def add_replicas(stack: Stack, replicas: int = 2, timeout: float = 180) -> None:
     stack.wait_ready(timeout)
 
 
-def ledger_size(stack: Stack, key: str) -> float | None:
-    """The ledger process's own gauge of its log's size (set by the instance that appends)."""
+def ledger_role(stack: Stack, key: str) -> str | None:
+    """What a ledger process says it is on /readyz: "active" (it appends) or "standby"."""
     try:
-        text = httpx.get(f"http://127.0.0.1:{stack.ports.get(key) or stack.api_port}/metrics", timeout=5).text
-    except httpx.HTTPError:
+        doc = httpx.get(f"http://127.0.0.1:{stack.ports.get(key) or stack.api_port}/readyz", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
         return None
-    found = re.search(r"^gputrace_ledger_size (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else None
+    return doc.get("role") if isinstance(doc, dict) else None
 
 
-def active_ledger(stack: Stack, sample_s: float = 3.0) -> str:
-    """The ledger instance appending now: the one whose log-size gauge grows (under load), else the
-    one that has appended most (a standby has appended nothing, or stopped growing)."""
+def active_ledger(stack: Stack, timeout: float = 30) -> str:
+    """The ledger instance appending now (the one holding the writer's lock)."""
     keys = [k for k in stack.processes if service_of(k) == "ledger" and stack.processes[k].running]
-    before = {k: ledger_size(stack, k) or 0.0 for k in keys}
-    time.sleep(sample_s)
-    after = {k: ledger_size(stack, k) or 0.0 for k in keys}
-    return max(keys, key=lambda k: (after[k] - before[k], after[k]))
+    deadline = time.monotonic() + timeout
+    while True:
+        active = [k for k in keys if ledger_role(stack, k) == "active"]
+        if len(active) == 1:
+            return active[0]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no one active ledger among {keys}: {active}")
+        time.sleep(0.5)
 
 
 class ClusterFaults(Faults):
