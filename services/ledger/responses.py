@@ -3,9 +3,10 @@ states every field and a partner generating a client from it gets types, not blo
 
 The models mirror the JSON the routes have always sent, key for key and in the same order: a key
 that is always sent is a required field (nullable where it may be null), never a field with a
-default, so validating a route's dict adds no key and drops none. Free-form mappings remain only
-where the data is free-form by nature (an anomaly's code-specific details, the export service's
-full evaluation) and inside the extension points the two standard formats define.
+default, and an undeclared key is an error (Strict), so validating a route's dict adds no key and
+drops none: the JSON stays what the route built. Free-form mappings remain only where the data is
+free-form by nature (an anomaly's code-specific details, the export service's full evaluation) and
+inside the extension points the two standard formats define.
 
 Amounts are decimal strings, as in the event contract (never floats: no rounding on the way).
 """
@@ -20,10 +21,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.ledger.batches import Stage
 
 T = TypeVar("T")
+
+
+class Strict(BaseModel):
+    """Our own shapes: a key the model does not declare is an error (500, and a failing test), never
+    silently dropped, so a route's JSON cannot lose a key to its model; the schema says
+    `additionalProperties: false`, so a client may rely on the fields it was generated with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 ExportStatus = Literal["cleared", "license_required", "licensed", "denied", "license_denied"]
 
 
-class Problem(BaseModel):
+class Problem(Strict):
     """Every refusal of this API: 400, 401, 403, 404, 416."""
 
     detail: str
@@ -32,21 +43,21 @@ class Problem(BaseModel):
 # --------------------------------------------------------------------------- shared parts
 
 
-class Money(BaseModel):
+class Money(Strict):
     amount: str = Field(description='decimal string, e.g. "50000000" or "12.5"')
     currency: str = Field(description="ISO 4217 code")
 
 
-class GpuCount(BaseModel):
+class GpuCount(Strict):
     model: str
     quantity: int
 
 
-class Capacity(BaseModel):
+class Capacity(Strict):
     gpu_hours: int
 
 
-class Party(BaseModel):
+class Party(Strict):
     name: str
     country: str
     address: str | None
@@ -71,7 +82,7 @@ class AnomalyNote(BaseModel):
 # --------------------------------------------------------------------------- /v1/program
 
 
-class PartnerTotals(BaseModel):
+class PartnerTotals(Strict):
     pledges: int = Field(description="active pledges")
     withdrawn: int
     capital: dict[str, str] = Field(description="pledged capital by currency (decimal strings)")
@@ -81,12 +92,12 @@ class PartnerTotals(BaseModel):
     capacity_gpu_hours: int
 
 
-class Progress(BaseModel):
+class Progress(Strict):
     gpus_pledged: int
     fraction_of_target: float | None = Field(description="null when the programme has no target")
 
 
-class PipelineGpus(BaseModel):
+class PipelineGpus(Strict):
     """GPUs through the delivery pipeline, summed over batches."""
 
     awarded: int
@@ -98,7 +109,7 @@ class PipelineGpus(BaseModel):
     failed: int
 
 
-class ProgramTotals(BaseModel):
+class ProgramTotals(Strict):
     """The programme's totals (all programmes when program_id is null): overall, then by partner (a
     partner sees only its own line), batches by stage, GPUs through the pipeline, anomalies."""
 
@@ -123,7 +134,7 @@ class ProgramTotals(BaseModel):
 # --------------------------------------------------------------------------- /v1/pledges/{id}
 
 
-class Pledge(BaseModel):
+class Pledge(Strict):
     """A pledge as the ledger knows it: its latest version, and the ledger entry that recorded it."""
 
     pledge_id: str
@@ -145,7 +156,7 @@ class Pledge(BaseModel):
 # --------------------------------------------------------------------------- /v1/batches
 
 
-class Quantities(BaseModel):
+class Quantities(Strict):
     requested: int | None
     quoted: int = Field(description="quotes received")
     awarded: int | None
@@ -159,7 +170,7 @@ class Quantities(BaseModel):
     failed: int
 
 
-class ScreeningHit(BaseModel):
+class ScreeningHit(Strict):
     role: str
     entry_id: str
     entry_name: str
@@ -169,7 +180,7 @@ class ScreeningHit(BaseModel):
     federal_register_notice: str | None
 
 
-class Explanation(BaseModel):
+class Explanation(Strict):
     """What the export decision relied on: enough to re-derive it."""
 
     rule_version: str
@@ -183,7 +194,7 @@ class Explanation(BaseModel):
     screening_reviews: list[ScreeningHit] = Field(description="near misses sent to a human")
 
 
-class ExportSummary(BaseModel):
+class ExportSummary(Strict):
     status: ExportStatus | None
     outcome: Literal["cleared", "license_required", "denied"] | None
     rule_version: str | None
@@ -192,7 +203,7 @@ class ExportSummary(BaseModel):
     explanation: Explanation | None
 
 
-class BatchSummary(BaseModel):
+class BatchSummary(Strict):
     batch_id: str
     program_id: str | None
     status: Stage
@@ -206,7 +217,7 @@ class BatchSummary(BaseModel):
     last_leaf_index: int
 
 
-class Page(BaseModel, Generic[T]):
+class Page(Strict, Generic[T]):
     """A page of a longer list: `total` matches, `items` from `offset`, at most `limit`."""
 
     total: int
@@ -219,7 +230,7 @@ class BatchesPage(Page[BatchSummary]):
     pass
 
 
-class BatchMoney(BaseModel):
+class BatchMoney(Strict):
     earmarked: dict[str, str] = Field(description="active capital pledges earmarked for the batch, by currency")
     disbursed: dict[str, str] = Field(description="disbursed of those pledges, by currency")
     awarded: Money | None
@@ -227,7 +238,7 @@ class BatchMoney(BaseModel):
     pledges: list[str] = Field(description="ids of the pledges earmarked for the batch")
 
 
-class Funding(BaseModel):
+class Funding(Strict):
     currency: str
     required: str
     earmarked: str
@@ -235,7 +246,7 @@ class Funding(BaseModel):
     pledges: list[str]
 
 
-class Award(BaseModel):
+class Award(Strict):
     batch_id: str
     quote_id: str
     vendor_id: str
@@ -255,7 +266,7 @@ class Award(BaseModel):
     leaf_index: int
 
 
-class TimelineEntry(BaseModel):
+class TimelineEntry(Strict):
     """One decision on the batch, in ledger order."""
 
     leaf_index: int
@@ -282,7 +293,7 @@ class BatchDetail(BatchSummary):
 # --------------------------------------------------------------------------- /v1/anomalies
 
 
-class Anomaly(BaseModel):
+class Anomaly(Strict):
     leaf_index: int
     batch_id: str | None
     code: str
@@ -294,7 +305,7 @@ class Anomaly(BaseModel):
     details: dict[str, Any] = Field(description="code-specific details (shipment_id, serials, quote_id, ...)")
 
 
-class AnomalyList(BaseModel):
+class AnomalyList(Strict):
     """Anomalies in ledger order, from `offset`, at most `limit`."""
 
     items: list[Anomaly]
@@ -303,7 +314,7 @@ class AnomalyList(BaseModel):
 # --------------------------------------------------------------------------- /v1/log
 
 
-class CheckpointJSON(BaseModel):
+class CheckpointJSON(Strict):
     """`format=json`: the signed note with its parts, for clients that would rather not parse it."""
 
     size: int
@@ -312,26 +323,26 @@ class CheckpointJSON(BaseModel):
     signed_at: datetime
 
 
-class PublicKey(BaseModel):
+class PublicKey(Strict):
     origin: str
     key_name: str
     vkey: str = Field(description="C2SP signed-note verifier key: name+hash+base64(0x01 || key)")
     public_key: str = Field(description="standard base64 of the raw 32-byte Ed25519 public key")
 
 
-class Entry(BaseModel):
+class Entry(Strict):
     leaf_index: int
     entry: str = Field(description="the canonical JSON (RFC 8785) that was hashed, byte for byte")
     leaf_hash: str = Field(description="standard base64 of the RFC 9162 leaf hash the server stored")
 
 
-class InclusionProof(BaseModel):
+class InclusionProof(Strict):
     leaf_index: int
     tree_size: int
     proof: list[str] = Field(description="standard base64 hashes, leaf to root")
 
 
-class ConsistencyProof(BaseModel):
+class ConsistencyProof(Strict):
     first: int
     second: int
     proof: list[str] = Field(description="standard base64 hashes")
