@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import uuid
 
@@ -95,8 +96,10 @@ async def test_trace_context_and_structured_logs_from_partner_to_ledger(
         await decisions.stop()
     traceparent = dict(record.headers)["traceparent"].decode()  # type: ignore[attr-defined]
     version, tid, child_span, flags = traceparent.split("-")
+    # The partner's trace goes on: unchanged while tracing is silent (this stack), under the deciding
+    # service's own span while it records (tests/test_tracing_e2e.py).
     assert (version, tid, flags) == ("00", trace_id, "01")
-    assert child_span != span_id, "the service's span is a child of the partner's, not a copy"
+    assert child_span == span_id or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
 
     # The pledges service logs each batch as one JSON line at INFO naming its events (the decision's
     # own line is DEBUG); the ledger's line per batch names each entry's leaf index, event and trace.

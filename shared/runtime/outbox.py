@@ -555,8 +555,8 @@ class OutboxRelay:
     ) -> tuple[list[Row[Any]], list[tuple[Row[Any], str]]]:
         sent: list[Row[Any]] = []
         parked: list[tuple[Row[Any], str]] = []
-        # While tracing records, a span per row, child of the context stored with it, ended once
-        # the transaction is; each record goes out under its span's traceparent.
+        # Each record goes out with the trace context stored with its row (the span that decided);
+        # while tracing records, the transaction has a span of its own, linked to those contexts.
         spans = PublishSpans(self.service)
         async with spans.transaction(), producer.transaction():
             futures = []
