@@ -20,8 +20,7 @@ from sqlalchemy.engine import Connection
 
 from services.ledger.api import anomalies_query
 from services.ledger.batches import batches_query, parties_query, steps_query
-from services.ledger.log import LOG_TABLES
-from services.ledger.log_api import entries_query, leaf_lookup_query
+from services.ledger.log import LOG_TABLES, PG_ENTRIES, PG_LEAF, PG_NODES, entries_query, leaf_lookup_query
 from services.ledger.projections import PROJECTION_TABLES, earmarked_query, totals_query
 from shared.runtime.db import create_tables, make_engine
 
@@ -29,6 +28,7 @@ ROWS = 100_000
 # Tables that grow with the programme: none of them may be read whole by a request.
 BIG = {
     "log_entries",
+    "log_nodes",
     "view_batches",
     "view_batch_parties",
     "view_batch_steps",
@@ -44,6 +44,10 @@ LOAD = [
     SELECT i, 'd' || i, '{{"i":' || i || '}}', sha256(int8send(i)), 'deliveries', 'gputrace.x.v1', 'accepted',
         'B-' || (i % 10000), 'A-' || i, 'p-' || (i % 50), now()
     FROM generate_series(0, {ROWS - 1}) AS i""",
+    # The complete subtrees: every leaf (level 0) and every pair of leaves (level 1).
+    f"""INSERT INTO log_nodes (level, idx, hash)
+    SELECT l, i, sha256(int8send(i)) FROM generate_series(0, 1) AS l, generate_series(0, {ROWS - 1}) AS i
+    WHERE i < {ROWS} >> l""",
     f"""INSERT INTO view_batches (batch_id, program_id, model, vendor_id, status, anomalies, last_leaf_index, state)
     SELECT 'B-' || i, 'PROG-' || (i % 20), 'B200', 'v-' || (i % 3),
         (ARRAY['requested','quoted','awarded','cleared','in_transit','received','installed','accepted'])[1 + i % 8],
@@ -107,6 +111,7 @@ def hot_queries() -> dict[str, tuple[Any, str | None]]:
         "batch page by status": (batches_query(status="accepted").limit(50).offset(0), None),
         "batch page by programme": (batches_query(program_id="PROG-3").limit(50).offset(100), None),
         "batch page of a partner": (batches_query(partner="p-7").limit(50), None),
+        "batch page after a key": (batches_query(status="accepted", after="B-50000").limit(50), None),
         "program summary": (totals_query(("pledges", "batches", "gpus", "anomalies"), "PROG-77"), None),
         "batch view: timeline": (steps_query("B-4242"), "ix_view_batch_steps_batch"),
         "batch view: parties": (parties_query("B-4242"), None),
@@ -116,10 +121,24 @@ def hot_queries() -> dict[str, tuple[Any, str | None]]:
     }
 
 
+def raw_queries() -> dict[str, tuple[str, tuple[Any, ...], str]]:
+    """The statements the log routes send PostgreSQL as they are (services.ledger.log.PG_*)."""
+    leaf = hashlib.sha256((12_345).to_bytes(8, "big", signed=True)).digest()
+    return {
+        "proof nodes (unnest join)": (PG_NODES, ([0, 1, 0], [12_345, 777, 99_999]), "log_nodes_pkey"),
+        "entries page with the size": (PG_ENTRIES, (50_000, 51_000), "log_entries_pkey"),
+        "size and leaf-hash lookup": (PG_LEAF, (leaf, ROWS), "ix_log_entries_leaf_hash_index"),
+    }
+
+
 def plan_of(conn: Connection, query: Any) -> dict[str, Any]:
     compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     row = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params).scalar_one()
     return row[0]["Plan"]
+
+
+def plan_of_sql(conn: Connection, sql: str, params: tuple[Any, ...]) -> dict[str, Any]:
+    return conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {sql}", params).scalar_one()[0]["Plan"]
 
 
 def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -152,6 +171,10 @@ def test_hot_queries_use_indexes_at_1e5_rows(big_ledger: str, analysed: bool) ->
             failures = {}
             for name, (query, index) in hot_queries().items():
                 problems = check(plan_of(conn, query), index)
+                if problems:
+                    failures[name] = problems
+            for name, (sql, params, index) in raw_queries().items():
+                problems = check(plan_of_sql(conn, sql, params), index)
                 if problems:
                     failures[name] = problems
             assert not failures, failures

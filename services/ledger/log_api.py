@@ -23,9 +23,17 @@ from gputrace_verifier.checkpoint import make_vkey
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.ledger.api import BIGINT_MAX, FORBIDDEN, MALFORMED, NO_TOKEN, RefuseMalformed, refusals
+from services.ledger.api import BIGINT_MAX, FORBIDDEN, MALFORMED, NO_TOKEN, Conn, RefuseMalformed, refusals
 from services.ledger.auth import require
-from services.ledger.log import LogEntry, LogHead, SignedCheckpoint, b64, fetch_nodes
+from services.ledger.log import (
+    LogHead,
+    SignedCheckpoint,
+    b64,
+    current_size,
+    entries_and_size,
+    size_and_leaf_index,
+    size_and_nodes,
+)
 from services.ledger.responses import CheckpointJSON, ConsistencyProof, Entry, InclusionProof, PublicKey
 from services.ledger.witnessing import cosigned_note, latest_witnessed
 from shared.contract.parties import load_private_key
@@ -96,6 +104,21 @@ async def _checkpoint_response(session: AsyncSession, cp: SignedCheckpoint, fmt:
     return PlainTextResponse(note, media_type=NOTE_MEDIA_TYPE)
 
 
+def _decoded_or_none(value: str | None) -> bytes | None:
+    try:
+        return None if value is None else _decode_hash(value)
+    except HTTPException:
+        return None
+
+
+def _complete(nodes: dict[tuple[int, int], bytes], coords: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    """Every node below the head exists: one missing is storage damage, never a shorter proof."""
+    missing = set(coords) - nodes.keys()
+    if missing:
+        raise LookupError(f"log nodes missing: {sorted(missing)[:5]}")
+    return nodes
+
+
 def _decode_hash(value: str) -> bytes:
     try:
         raw = base64.b64decode(value, validate=True)
@@ -106,29 +129,14 @@ def _decode_hash(value: str) -> bytes:
     return raw
 
 
-def leaf_lookup_query(leaf_hash: bytes, tree_size: int) -> Any:
-    """The first leaf with this hash below tree_size (ix_log_entries_leaf_hash_index answers it)."""
-    return (
-        select(LogEntry.leaf_index)
-        .where(LogEntry.leaf_hash == leaf_hash, col(LogEntry.leaf_index) < tree_size)
-        .order_by(col(LogEntry.leaf_index))
-        .limit(1)
-    )
+def _no_leaf(tree_size: int) -> HTTPException:
+    return HTTPException(404, f"no leaf with that hash in the tree of size {tree_size}")
 
 
-def entries_query(start: int, end: int) -> Any:
-    return (
-        select(LogEntry.leaf_index, LogEntry.entry, LogEntry.leaf_hash)
-        .where(col(LogEntry.leaf_index) >= start, col(LogEntry.leaf_index) < end)
-        .order_by(col(LogEntry.leaf_index))
-    )
-
-
-async def _leaf_index_of(session: AsyncSession, leaf_hash: bytes, tree_size: int) -> int:
-    index = (await session.exec(leaf_lookup_query(leaf_hash, tree_size))).first()
-    if index is None:
-        raise HTTPException(404, f"no leaf with that hash in the tree of size {tree_size}")
-    return index
+def _json(content: Any) -> Response:
+    # The hot routes build their body as plain dicts: the same JSON as their model would give,
+    # without a pydantic round trip per request (`response_model` still documents the shape).
+    return JSONResponse(content)
 
 
 # --------------------------------------------------------------------------- routes
@@ -209,18 +217,19 @@ async def get_public_key(request: Request) -> PublicKey:
     summary=f"Entries [start, end) as the canonical JSON that was hashed (at most {MAX_ENTRIES} per call)",
     dependencies=[_READERS],
     responses=refusals({**_REFUSALS, 416: _BEYOND}),
+    response_model=list[Entry],
 )
 async def get_entries(
-    session: Session,
+    conn: Conn,
     start: Size,
     end: Annotated[
         int | None, Query(ge=1, le=BIGINT_MAX, description=f"exclusive; default min(start + {MAX_ENTRIES}, size)")
     ] = None,
-) -> list[Entry]:
-    size = await _current_size(session)
-    if start < 0:
-        raise _bad(f"start must be >= 0, got {start}")
+) -> Response:
+    size: int | None = None
     if end is None:
+        # The default end depends on the size: read it first.
+        size = await current_size(conn)
         end = min(start + MAX_ENTRIES, size)
         if start >= size:
             raise _beyond("start", start, size)
@@ -228,13 +237,14 @@ async def get_entries(
         raise _bad(f"end ({end}) must be greater than start ({start})")
     if end - start > MAX_ENTRIES:
         raise _bad(f"at most {MAX_ENTRIES} entries per call (asked for {end - start})")
+    rows, head = await entries_and_size(conn, start, end)
+    size = head if size is None else size
     if end > size:
         raise _beyond("end", end, size)
-    rows = (await session.exec(entries_query(start, end))).all()
     if len(rows) != end - start:
         # Below the head every index exists; a gap is storage damage and must not look like success.
         raise HTTPException(500, f"log entries missing in [{start}, {end}): found {len(rows)}")
-    return [Entry(leaf_index=i, entry=entry, leaf_hash=b64(h)) for i, entry, h in rows]
+    return _json([{"leaf_index": i, "entry": entry, "leaf_hash": b64(h)} for i, entry, h in rows])
 
 
 @log_router.get(
@@ -242,9 +252,10 @@ async def get_entries(
     summary="RFC 9162 inclusion proof of a leaf (by index or by leaf hash) in a tree of any past size",
     dependencies=[_READERS],
     responses=refusals({**_REFUSALS, 404: "No leaf with this hash in the tree of that size", 416: _BEYOND}),
+    response_model=InclusionProof,
 )
 async def get_inclusion_proof(
-    session: Session,
+    conn: Conn,
     tree_size: Annotated[int | None, Query(ge=1, le=BIGINT_MAX, description="default: the current size")] = None,
     leaf_index: Annotated[int | None, Query(ge=0, le=BIGINT_MAX)] = None,
     leaf_hash: Annotated[
@@ -256,20 +267,40 @@ async def get_inclusion_proof(
             description="standard base64 of the 32-byte leaf hash ('+' and '/' URL-encoded)",
         ),
     ] = None,
-) -> InclusionProof:
-    size = await _current_size(session)
-    tree_size = size if tree_size is None else tree_size
-    _check_tree_size(tree_size, size)
-    if (leaf_index is None) == (leaf_hash is None):
-        raise _bad("give exactly one of leaf_index and leaf_hash")
-    if leaf_hash is not None:
-        leaf_index = await _leaf_index_of(session, _decode_hash(leaf_hash), tree_size)
-    assert leaf_index is not None
+) -> Response:
+    raw = _decoded_or_none(leaf_hash)
+    well_formed = (
+        tree_size is not None
+        and (leaf_index is None) != (leaf_hash is None)
+        and (leaf_hash is None or raw is not None)
+        and (leaf_index is None or leaf_index < tree_size)
+    )
+    if not well_formed:
+        # A default or a refusal: the size first, then the checks in their documented order.
+        size = await current_size(conn)
+        tree_size = size if tree_size is None else tree_size
+        _check_tree_size(tree_size, size)
+        if (leaf_index is None) == (leaf_hash is None):
+            raise _bad("give exactly one of leaf_index and leaf_hash")
+        if leaf_hash is not None:
+            _, leaf_index = await size_and_leaf_index(conn, _decode_hash(leaf_hash), tree_size)
+            if leaf_index is None:
+                raise _no_leaf(tree_size)
+    elif raw is not None:
+        size, leaf_index = await size_and_leaf_index(conn, raw, tree_size)
+        _check_tree_size(tree_size, size)
+        if leaf_index is None:
+            raise _no_leaf(tree_size)
+    assert leaf_index is not None and tree_size is not None
     if not 0 <= leaf_index < tree_size:
         raise _bad(f"leaf_index {leaf_index} is not in a tree of size {tree_size}")
-    nodes = await fetch_nodes(session, merkle.inclusion_proof_coords(leaf_index, tree_size))
-    proof = merkle.inclusion_proof(leaf_index, tree_size, nodes)
-    return InclusionProof(leaf_index=leaf_index, tree_size=tree_size, proof=[b64(p) for p in proof])
+    coords = merkle.inclusion_proof_coords(leaf_index, tree_size)
+    size, nodes = await size_and_nodes(conn, coords)
+    # By index this is the first look at the size (one query for the whole proof); after a
+    # lookup it only confirms it (the head never shrinks).
+    _check_tree_size(tree_size, size)
+    proof = merkle.inclusion_proof(leaf_index, tree_size, _complete(nodes, coords))
+    return _json({"leaf_index": leaf_index, "tree_size": tree_size, "proof": [b64(p) for p in proof]})
 
 
 @log_router.get(
@@ -277,21 +308,24 @@ async def get_inclusion_proof(
     summary="RFC 9162 consistency proof between two tree sizes (empty when first is 0 or equals second)",
     dependencies=[_READERS],
     responses=refusals({**_REFUSALS, 416: _BEYOND}),
+    response_model=ConsistencyProof,
 )
 async def get_consistency_proof(
-    session: Session,
+    conn: Conn,
     first: Size,
     second: Annotated[int | None, Query(ge=0, le=BIGINT_MAX, description="default: the current size")] = None,
-) -> ConsistencyProof:
-    size = await _current_size(session)
-    second = size if second is None else second
+) -> Response:
+    if second is None:
+        second = await current_size(conn)
     if first < 0 or second < first:
         raise _bad(f"need 0 <= first <= second, got first={first}, second={second}")
+    coords = merkle.consistency_proof_coords(first, second)
+    # The head's size and the proof's nodes in one round trip.
+    size, nodes = await size_and_nodes(conn, coords)
     if second > size:
         raise _beyond("second", second, size)
-    nodes = await fetch_nodes(session, merkle.consistency_proof_coords(first, second))
-    proof = merkle.consistency_proof(first, second, nodes)
-    return ConsistencyProof(first=first, second=second, proof=[b64(p) for p in proof])
+    proof = merkle.consistency_proof(first, second, _complete(nodes, coords))
+    return _json({"first": first, "second": second, "proof": [b64(p) for p in proof]})
 
 
 __all__ = ["MAX_ENTRIES", "log_router"]

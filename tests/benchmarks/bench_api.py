@@ -43,6 +43,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gputrace_verifier import merkle
@@ -112,7 +113,38 @@ def _batch_state(i: int, status: str) -> dict[str, Any]:
         "quotes": quotes,
     }
     if STAGES.index(status) >= STAGES.index("awarded"):
-        state["award"] = {"vendor_id": "nvidia-partner-kr", "quantity": units, "unit_price": money}
+        # Every field an award's facts carry (the API's response model checks them all).
+        total = {"amount": str(66_900_000 * units), "currency": "KRW"}
+        state["award"] = {
+            "batch_id": f"B-{i:06d}",
+            "quote_id": f"Q-{i}-nvidia-partner-kr",
+            "vendor_id": "nvidia-partner-kr",
+            "program_id": PROGRAM,
+            "site_id": "KR-NCC-01",
+            "model": "GB200",
+            "quantity": units,
+            "unit_price": money,
+            "total_price": total,
+            "origin_country": "US",
+            "route": ["US", "KR"],
+            "consignee": {"name": "National AI Computing Centre", "country": "KR", "address": "Sejong"},
+            "end_user": {
+                "name": "National AI Computing Centre",
+                "country": "KR",
+                "address": None,
+                "headquarters_country": "KR",
+            },
+            "awarded_at": "2025-11-10T09:00:00+09:00",
+            "lead_time_days": 60,
+            "funding": {
+                "currency": "KRW",
+                "required": total["amount"],
+                "earmarked": total["amount"],
+                "shortfall": "0",
+                "pledges": [],
+            },
+            "leaf_index": i,
+        }
     if STAGES.index(status) >= STAGES.index("cleared"):
         state["export"] = {"status": "cleared", "outcome": "cleared", "rule_version": "post-rescission-2025-05#1"}
     if STAGES.index(status) >= STAGES.index("in_transit"):
@@ -251,15 +283,12 @@ def _fill_totals(url: str) -> None:
 # --- the server ----------------------------------------------------------------------------------
 
 
-def serve() -> None:
-    """`python -m tests.benchmarks.bench_api serve`: the ledger app without Kafka (env: its settings)."""
-    import uvicorn
-
+def bench_app() -> Any:
+    """The ledger app without Kafka (env: its settings); uvicorn's factory, once per worker."""
     from services.ledger.main import create_app
     from shared.runtime.settings import Settings
 
-    settings = Settings()
-    app = create_app(settings, consume=False)
+    app = create_app(Settings(), consume=False)
     service = app.state.service
 
     async def start() -> None:  # tables exist; no topics, no outbox relay: nothing is published
@@ -270,11 +299,30 @@ def serve() -> None:
 
     service.start_dependencies = start
     service.stop_dependencies = stop
-    uvicorn.run(app, host="127.0.0.1", port=settings.http_port, log_level="warning", access_log=False)
+    return app
+
+
+def serve() -> None:
+    """`python -m tests.benchmarks.bench_api serve`: bench_app under uvicorn, BENCH_WORKERS processes."""
+    import uvicorn
+
+    from shared.runtime.settings import Settings
+
+    uvicorn.run(
+        "tests.benchmarks.bench_api:bench_app",
+        factory=True,
+        workers=int(os.environ.get("BENCH_WORKERS", "1")),
+        host="127.0.0.1",
+        port=Settings().http_port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 @contextmanager
-def ledger_server(url: str, work: Path, pool: int) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
+def ledger_server(
+    url: str, work: Path, pool: int, workers: int = 1
+) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
     from services.ledger.auth import write_dev_tokens
     from shared.contract.parties import write_private_key
     from tools.devkeys import DEV_PARTIES, generate_dev_registry
@@ -296,6 +344,7 @@ def ledger_server(url: str, work: Path, pool: int) -> Iterator[tuple[str, str, s
         "HTTP_PORT": str(port),
         "API_DB_POOL_SIZE": str(pool),
         "LOG_LEVEL": "WARNING",
+        "BENCH_WORKERS": str(workers),
     }
     log = (work / "ledger.log").open("wb")
     proc = subprocess.Popen(
@@ -457,7 +506,23 @@ def endpoints(loaded: Loaded) -> dict[str, Callable[[random.Random], str]]:
 PROOFS = ("inclusion proof (index)", "inclusion proof (hash)", "consistency proof")
 
 
-async def run_clients(base: str, token: str, loaded: Loaded, opts: argparse.Namespace) -> dict[str, Any]:
+def server_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of the server and its worker processes so far: what a request
+    costs the server, which the machine's load does not inflate as it does latency."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+async def run_clients(
+    base: str, token: str, loaded: Loaded, opts: argparse.Namespace, server_pid: int | None = None
+) -> dict[str, Any]:
     paths = endpoints(loaded)
     if opts.only:
         paths = {k: v for k, v in paths.items() if opts.only in k or k == "/healthz"}
@@ -466,7 +531,13 @@ async def run_clients(base: str, token: str, loaded: Loaded, opts: argparse.Name
     out: dict[str, Any] = {"concurrent": {}, "sequential": {}}
     with ProcessPoolExecutor(opts.client_procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for name in paths:
+            cpu = server_cpu_seconds(server_pid) if server_pid else 0.0
             out["concurrent"][name] = measure_in_processes(pool, base, token, loaded, name, opts)
+            if server_pid:
+                # Warm-up requests included: the server cannot tell them apart.
+                served = opts.requests + (opts.warmup // opts.client_procs) * opts.client_procs
+                cpu_ms = (server_cpu_seconds(server_pid) - cpu) * 1000 / served
+                out["concurrent"][name]["server_cpu_ms"] = round(cpu_ms, 3)
             print(f"  {opts.clients} clients  {name:<28} {out['concurrent'][name]}", flush=True)
     async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=60) as client:
         # Proofs also one at a time: their own latency, without 49 other requests queued ahead.
@@ -490,21 +561,22 @@ def write_results(report: dict[str, Any], out: Path) -> None:
         f"# Auditor API at {report['clients']} concurrent clients ({report['started']})",
         "",
         f"Ledger: {report['log_entries']:,} log entries, {report['pledges']:,} pledges, {report['batches']:,} "
-        f"batches ({loaded_how}; no ANALYZE). Server: the ledger app, one uvicorn "
-        f"process, API pool {report['api_pool']}; clients: httpx in {report['client_procs']} processes, "
+        f"batches ({loaded_how}; no ANALYZE). Server: the ledger app, {report.get('workers', 1)} uvicorn "
+        f"process(es), API pool {report['api_pool']} each; clients: httpx in {report['client_procs']} processes, "
         f"{report['requests']} requests per endpoint "
         f"after {report['warmup']} warm-up. Machine: {report['machine']}, load average {report['load_average']} "
         "(shared with other jobs).",
         "",
         f"Command: `{report['command']}`",
         "",
-        "| endpoint | p50 ms | p95 ms | p99 ms | p99 / healthz p99 | errors | req/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| endpoint | p50 ms | p95 ms | p99 ms | p99 / healthz p99 | errors | req/s | server CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in conc.items():
         ratio = r["p99_ms"] / health if health else float("nan")
         lines.append(
-            f"| {name} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {ratio:.2f} | {r['errors']} | {r['rps']} |"
+            f"| {name} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {ratio:.2f} | {r['errors']} | {r['rps']} "
+            f"| {r.get('server_cpu_ms', '')} |"
         )
     lines += [
         "",
@@ -529,17 +601,17 @@ def write_results(report: dict[str, Any], out: Path) -> None:
 
 
 def measure_server(url: str, work: Path, loaded: Loaded, opts: argparse.Namespace) -> dict[str, Any]:
-    with ledger_server(url, work, opts.api_pool) as (base, token, server):
+    with ledger_server(url, work, opts.api_pool, opts.workers) as (base, token, server):
         spy = None
         if opts.py_spy:
             # Where the server's time goes, sampled over the whole run (collapsed stacks).
             spy_bin = str(Path(sys.executable).parent / "py-spy")
-            spy_args = ["record", "--pid", str(server.pid), "--format", "raw", "--rate", "200"]
+            spy_args = ["record", "--pid", str(server.pid), "--subprocesses", "--format", "raw", "--rate", "200"]
             spy = subprocess.Popen(
                 [spy_bin, *spy_args, "-o", str(opts.py_spy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
         try:
-            return asyncio.run(run_clients(base, token, loaded, opts))
+            return asyncio.run(run_clients(base, token, loaded, opts, server.pid))
         finally:
             if spy is not None:
                 spy.send_signal(2)
@@ -587,7 +659,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--client-procs", type=int, default=4, help="processes the clients are spread over")
     ap.add_argument("--requests", type=int, default=2000, help="per endpoint, after the warm-up")
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--api-pool", type=int, default=20)
+    ap.add_argument("--api-pool", type=int, default=20, help="per worker")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes serving the ledger")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep", action="store_true", help="keep the database")
     ap.add_argument("--database", help="a database an earlier --keep run loaded (libpq URL): measure only")
@@ -612,6 +685,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "requests": opts.requests,
         "warmup": opts.warmup,
         "api_pool": opts.api_pool,
+        "workers": opts.workers,
         "client_procs": opts.client_procs,
         "load_average": os.getloadavg(),
         "load_seconds": loaded.seconds,
