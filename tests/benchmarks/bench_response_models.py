@@ -13,7 +13,7 @@ hashes, a proof at 10^6 entries) and a batch view's (a 12-step timeline with an 
 FastAPI's own `serialize_response` is timed with each route's own response field, in CPU time
 (time.process_time), the ways interleaved round by round so a loaded machine slows each alike.
 
-    .venv/bin/python -m tests.benchmarks.bench_response_models [--calls 20000] [--rounds 5]
+    .venv/bin/python -m tests.benchmarks.bench_response_models [--calls 5000] [--rounds 5]
 
 Prints the median CPU microseconds per response of each way, per body, and the ratio to `dict`.
 """
@@ -157,7 +157,7 @@ async def run(calls: int, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=20000, help="responses per way per round")
+    parser.add_argument("--calls", type=int, default=5000, help="responses per way per round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     asyncio.run(run(args.calls, args.rounds))
