@@ -134,6 +134,8 @@ async def test_the_standby_ledger_takes_over_when_the_active_one_is_killed(
 
         await publish(40)
         await wait_for(lambda: len(log_ids()) == 40, 60, "the active ledger appending")
+        # One appender: the second never became active while the first lived.
+        assert role(ports[1]) == "standby" and "appender active" not in ledgers[1].log_path.read_text()
         # The standby serves reads all along.
         async with httpx.AsyncClient(headers=auditor_headers(tokens), timeout=10) as api:
             answer = await api.get(f"http://127.0.0.1:{ports[1]}/v1/log/checkpoint")

@@ -99,8 +99,9 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
     leading: list[asyncio.Task[None]] = []
 
     async def activate() -> None:
-        await service.broker.start()
+        # Active from the moment it holds the lock, while its consumer joins the group.
         service.readiness.note_role("active", service.broker)
+        await service.broker.start()
 
     async def stand_by() -> None:
         service.readiness.note_role("standby")
