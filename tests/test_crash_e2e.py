@@ -13,7 +13,10 @@ an outage sends the same event (same ce_id) again, as a real integration would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from tests.chaos import (
     wait_ledger,
     workload,
 )
+from tests.conftest import E2E
 from tests.infra import LocalKafka, LocalPostgres
 from tests.partner import PartnerClient
 from tools.devstack import Stack
@@ -75,7 +79,7 @@ async def run_crash(
         settled = await tally.settle(ids, timeout=180)
         # Then a partner replays part of what it sent, long after it was decided.
         lags = await replay_decided(pub, lag, records, timeout=60)
-        ledger = await wait_ledger(database_urls["ledger"], tally, timeout=120)
+        ledger = await _wait_ledger(database_urls["ledger"], tally, timeout=120)
         # Statuses are checked where the order of sends is known: not for events sent again.
         counts = count(tally, records, ledger, check_status=ids - pub.resent)
     assert settled and counts.lost == 0, f"{counts.lost} of {counts.events} events got no outcome"
@@ -94,24 +98,51 @@ async def run_crash(
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+async def _wait_ledger(url: str, tally: RawTally, timeout: float) -> Counter[str]:
+    """tests.chaos.wait_ledger, also for the embedded default (the ledger's SQLite file)."""
+    if not url.startswith("sqlite"):
+        return await wait_ledger(url, tally, timeout)
+    path = url.split(":///", 1)[1]
+    sql = (
+        "SELECT decision_id, count(*) FROM log_entries WHERE aggregate_id LIKE ? OR batch_id LIKE ? "
+        "GROUP BY decision_id"
+    )
+
+    def read() -> Counter[str]:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
+            return Counter(dict(conn.execute(sql, (tally.tag + "%", tally.tag + "%")).fetchall()))
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = await asyncio.to_thread(read)
+        if all(d in got for d in tally.decisions) or asyncio.get_running_loop().time() > deadline:
+            return got
+        await asyncio.sleep(0.5)
+
+
 @pytest.fixture
-def crash_mid_stream(
-    kafka_bootstrap: str,
-    stack: Stack,
-    database_urls: dict[str, str],
-    tokens: dict[str, str],
-    keys_dir: Path,
-    tmp_path: Path,
-) -> Callable[[Crash], Awaitable[None]]:
+def crash_mid_stream(e2e: E2E, tmp_path: Path) -> Callable[[Crash], Awaitable[None]]:
+    """On the session's stack (PostgreSQL), or on SQLite where a test parametrises `backend`."""
+
     async def run(crash: Crash) -> None:
-        await run_crash(crash, kafka_bootstrap, stack, database_urls, tokens, keys_dir, tmp_path)
+        await run_crash(crash, e2e.kafka_bootstrap, e2e.stack, e2e.database_urls, e2e.tokens, e2e.keys_dir, tmp_path)
 
     return run
 
 
+# On SQLite, kill -9 of pledges and the ledger mid-stream has published outcomes and decisions a
+# second time (identical copies: 136 in one run; 30 on the code before schema migrations, so not
+# theirs): events re-decided after the restart whose first decisions had already gone out. Kept as
+# a known failure until the consumer/outbox path on SQLite is fixed (reported in issue 12's notes).
+SQLITE_CRASH = pytest.mark.xfail(reason="SQLite: duplicate outcomes after kill -9 mid-stream", strict=False)
+
+
+@pytest.mark.parametrize("backend", ["postgres", pytest.param("sqlite", marks=SQLITE_CRASH)])
 async def test_two_services_killed_at_once_mid_stream(
-    stack: Stack, crash_mid_stream: Callable[[Crash], Awaitable[None]]
+    e2e: E2E, crash_mid_stream: Callable[[Crash], Awaitable[None]]
 ) -> None:
+    stack = e2e.stack
+
     async def crash() -> None:
         # The service that decides (its outbox publishes outcomes) and the ledger, together.
         for name in ("pledges", "ledger"):
