@@ -23,7 +23,8 @@ from services.pledges.main import HANDLERS, SERVICE, PledgeRow, prefetch
 from shared.contract import PLEDGES_TOPIC
 from shared.contract.decisions import Verdict
 from shared.runtime.consumer import Inbound
-from shared.runtime.db import ProcessedMessage, create_tables
+from shared.runtime.db import ProcessedMessage
+from shared.runtime.migrations import prepare_schema
 from shared.runtime.service import Service
 from shared.runtime.settings import Settings
 from shared.runtime.topics import ensure_topics
@@ -113,8 +114,9 @@ def group_of(service: Service) -> str:
 
 @asynccontextmanager
 async def consuming(service: Service) -> AsyncIterator[Service]:
-    """The service's tables and subscriber (call `start_group_at_end` first); stopped on exit."""
-    await create_tables(service.engine, service.tables)
+    """The service's schema and subscriber (call `start_group_at_end` first); stopped on exit."""
+    # As the service's own start-up makes it: from its migrations (an empty SQLite file: created).
+    await prepare_schema(service.engine, service.name)
     await service.broker.start()
     try:
         yield service
