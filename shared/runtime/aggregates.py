@@ -27,7 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, inspect, select, tuple_
+from psycopg import sql as pgsql
+from sqlalchemy import Table, insert, inspect, select, tuple_
 from sqlalchemy import event as sa_event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -176,6 +177,88 @@ def deferred_writes(session: AsyncSession) -> int:
     return cache.deferred if cache else 0
 
 
+async def driver_cursor(session: AsyncSession) -> Any | None:
+    """A psycopg cursor on the session's own connection, inside its transaction (and savepoint),
+    or None when the database is not PostgreSQL. For the bulk writes of every batch: SQLAlchemy's
+    per-row parameter processing and its ever-different multi-VALUES statements (which psycopg
+    parses afresh each time) cost more than the work; psycopg's executemany sends one prepared
+    statement per row in a pipeline."""
+    if session.bind is None or session.bind.dialect.name != "postgresql":
+        return None
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection.cursor()  # type: ignore[union-attr]
+
+
+def _insert_sql(table: Table, columns: Sequence[str], returning: str | None = None, suffix: str = "") -> Any:
+    key = (table.name, tuple(columns), returning, suffix)
+    stmt = _SQL.get(key)
+    if stmt is None:
+        stmt = pgsql.SQL("INSERT INTO {} ({}) VALUES ({}){}{}").format(
+            pgsql.Identifier(table.name),
+            pgsql.SQL(", ").join(map(pgsql.Identifier, columns)),
+            pgsql.SQL(", ").join(pgsql.Placeholder() * len(columns)),
+            pgsql.SQL(suffix),
+            pgsql.SQL(" RETURNING {}").format(pgsql.Identifier(returning)) if returning else pgsql.SQL(""),
+        )
+        _SQL[key] = stmt
+    return stmt
+
+
+_SQL: dict[tuple[Any, ...], Any] = {}
+
+
+async def insert_many(
+    session: AsyncSession, table: Table, rows: Sequence[dict[str, Any]], returning: str | None = None
+) -> list[Any]:
+    """INSERT these rows (dicts with the same keys) in the session's transaction, in order; with
+    `returning`, that column of each row, in the rows' order. PostgreSQL: psycopg's executemany
+    (driver_cursor); elsewhere a SQLAlchemy Core insert."""
+    if not rows:
+        return []
+    columns = list(rows[0])
+    cursor = await driver_cursor(session)
+    if cursor is None:
+        stmt = insert(table)
+        if returning is None:
+            await session.execute(stmt, list(rows))
+            return []
+        result = await session.execute(stmt.returning(table.c[returning], sort_by_parameter_order=True), list(rows))
+        return list(result.scalars())
+    params = [tuple(r[c] for c in columns) for r in rows]
+    async with cursor:
+        await cursor.executemany(_insert_sql(table, columns, returning), params, returning=returning is not None)
+        if returning is None:
+            return []
+        out = []
+        while True:
+            row = await cursor.fetchone()
+            out.append(row[0] if row else None)
+            if not cursor.nextset():
+                return out
+
+
+async def upsert_many(
+    session: AsyncSession, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str], update: Sequence[str]
+) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET the `update` columns, for these rows (a key at
+    most once). PostgreSQL: psycopg's executemany; elsewhere a SQLAlchemy Core upsert."""
+    if not rows:
+        return
+    cursor = await driver_cursor(session)
+    if cursor is None:
+        await session.execute(_upsert(session, table, keys, update), list(rows))
+        return
+    columns = list(rows[0])
+    conflict = pgsql.SQL(" ON CONFLICT ({}) DO UPDATE SET {}").format(
+        pgsql.SQL(", ").join(map(pgsql.Identifier, keys)),
+        pgsql.SQL(", ").join(pgsql.SQL("{0} = EXCLUDED.{0}").format(pgsql.Identifier(c)) for c in update),
+    )
+    stmt = _insert_sql(table, columns, None, conflict.as_string(None))
+    async with cursor:
+        await cursor.executemany(stmt, [tuple(r[c] for c in columns) for r in rows])
+
+
 async def write_deferred(session: AsyncSession) -> None:
     """The batch's deferred upserts, one statement per table (called by the BatchProcessor once
     the batch's records are decided, before its outbox rows). A key appears once per statement:
@@ -185,8 +268,7 @@ async def write_deferred(session: AsyncSession) -> None:
         return
     upserts, cache.upserts = cache.upserts, {}
     for (table, keys, update), rows in upserts.items():
-        if rows:
-            await session.execute(_upsert(session, table, keys, update), list(rows.values()))
+        await upsert_many(session, table, list(rows.values()), keys, update)
 
 
 def _upsert(session: AsyncSession, table: Table, keys: Sequence[str], update: Sequence[str]) -> Any:

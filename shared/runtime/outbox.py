@@ -53,13 +53,15 @@ from aiokafka.errors import (
     UnsupportedForMessageFormatError,
 )
 from aiokafka.structs import OffsetAndMetadata
-from sqlalchemy import Row, delete, insert, select, text
+from sqlalchemy import BigInteger, Row, all_, any_, bindparam, delete, insert, select, text
 from sqlalchemy import event as sa_event
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.contract import MAX_RECORD_BYTES
 from shared.contract.cloudevents import CloudEvent
+from shared.runtime.aggregates import insert_many
 from shared.runtime.db import OutboxMessage, ParkedOutboxMessage, ProcessedMessage, is_postgres, utcnow
 from shared.runtime.observability import OUTBOX_BACKLOG, OUTBOX_PARKED, OUTBOX_PUBLISHED
 from shared.runtime.topics import RELAY_PROGRESS_TOPIC
@@ -89,6 +91,7 @@ RECORD_REFUSED: tuple[type[Exception], ...] = (
 )
 
 OUTBOX = OutboxMessage.__table__  # type: ignore[attr-defined]
+PROCESSED = ProcessedMessage.__table__  # type: ignore[attr-defined]
 PARKED = ParkedOutboxMessage.__table__  # type: ignore[attr-defined]
 
 
@@ -141,22 +144,18 @@ class Pending:
         if self.outbox:
             relay = _RELAYS.get(session.bind) if isinstance(session.bind, AsyncEngine) else None
             if relay is not None and relay.accepting:
-                ids = (
-                    await session.execute(
-                        insert(OUTBOX).returning(OUTBOX.c.id, sort_by_parameter_order=True), self.outbox
-                    )
-                ).scalars()
+                ids = await insert_many(session, OUTBOX, self.outbox, returning="id")
                 rows = [
                     OutRow(i, r["topic"], r["key"], r["value"], r["headers"], r["created_at"], h)
                     for i, r, h in zip(ids, self.outbox, self.header_lists, strict=True)
                 ]
                 relay.claim(session, rows)
             else:
-                await session.execute(insert(OutboxMessage), self.outbox)
+                await insert_many(session, OUTBOX, self.outbox)
                 if relay is not None:
                     relay.claim(session, [])
         if self.processed:
-            await session.execute(insert(ProcessedMessage), self.processed)
+            await insert_many(session, PROCESSED, self.processed)
         self.outbox, self.header_lists, self.processed = [], [], []
 
 
@@ -256,6 +255,21 @@ def _fit(rows: Sequence[Row[Any]]) -> list[Row[Any]]:
             start = row.id
         prev = row.id
     return fitted
+
+
+def _among(engine: AsyncEngine, ids: list[int]) -> Any:
+    """`id IN ids`; on PostgreSQL `id = ANY(array)`: one parameter, so one statement text that
+    SQLAlchemy and psycopg cache, where an IN list of a round's thousand ids is a new statement
+    (compiled and parsed afresh) every time."""
+    if is_postgres(engine):
+        return OUTBOX.c.id == any_(bindparam("ids", ids, type_=ARRAY(BigInteger)))
+    return OUTBOX.c.id.in_(ids)
+
+
+def _not_among(engine: AsyncEngine, ids: list[int]) -> Any:
+    if is_postgres(engine):
+        return OUTBOX.c.id != all_(bindparam("claimed", ids, type_=ARRAY(BigInteger)))
+    return OUTBOX.c.id.not_in(ids)
 
 
 def _headers_of(row: Any) -> list[tuple[str, bytes]]:
@@ -518,7 +532,7 @@ class OutboxRelay:
         query = select(OUTBOX).order_by(OUTBOX.c.id).limit(limit)
         if self._claimed:
             # Rows on their way from memory are not the sweep's.
-            query = query.where(OUTBOX.c.id.not_in(list(self._claimed)))
+            query = query.where(_not_among(self._engine, list(self._claimed)))
         async with conn.begin():
             rows = (await conn.execute(query)).all()
         if not rows:
@@ -602,7 +616,7 @@ class OutboxRelay:
                     ],
                 )
             # By id list, not a range: a row with a lower id may commit after the select.
-            await conn.execute(delete(OUTBOX).where(OUTBOX.c.id.in_(ids)))
+            await conn.execute(delete(OUTBOX).where(_among(self._engine, ids)))
         OUTBOX_PUBLISHED.labels(self.service).inc(len(sent))
         for row, reason in parked:
             OUTBOX_PARKED.labels(self.service, reason.split(":", 1)[0]).inc()
