@@ -188,7 +188,8 @@ class ClusterFaults(Faults):
         """Every partition of the groups either consumed past where it stood at the fault, or with
         nothing to read; not declared before SETTLE_S, by when every busy partition had new records."""
         base: dict[str, dict[TopicPartition, int]] = {}
-        waited: set[TopicPartition] = set()  # partitions seen with records to read and not moving
+        waited: set[tuple[str, TopicPartition]] = set()  # (group, partition) with records to read, not moving
+        first: float | None = None  # when the first of those moved again: the take-over began
         waiting = set(services)
         while waiting and time.monotonic() - t0 < timeout:
             for s in sorted(waiting):
@@ -197,15 +198,19 @@ class ClusterFaults(Faults):
                         base[s] = await self.lag.committed(s)
                         continue
                     committed, pending = await self.lag.committed(s), await self.lag.pending(s)
-                    stuck = {tp for tp, n in pending.items() if n and committed.get(tp, 0) <= base[s].get(tp, 0)}
+                    stuck = {(s, tp) for tp, n in pending.items() if n and committed.get(tp, 0) <= base[s].get(tp, 0)}
+                    if first is None and {w for w in waited if w[0] == s} - stuck:
+                        first = time.monotonic() - t0
                     waited |= stuck
                     if not stuck and time.monotonic() - t0 >= SETTLE_S:
                         waiting.discard(s)
             await asyncio.sleep(0.5)
         if not waiting:
             fault.recovery_s = round(time.monotonic() - t0, 1)
-        # How many partitions had to wait for the take-over (none: the victim held nothing busy).
-        fault.target += f"; {len(waited)} partition(s) waited"
+        # How many partitions had to wait for the take-over (none: the victim held nothing busy), and
+        # when the first of them moved (the rest is the survivors working through the backlog).
+        moved = "" if first is None else f", the first moving again after {first:.1f} s"
+        fault.target += f"; {len(waited)} partition(s) waited{moved}"
 
 
 def cluster_plan(rng: random.Random, brokers: bool, down_s: float = SESSION_TIMEOUT_S + 5) -> list[Fault]:
@@ -275,6 +280,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="records per second the partners publish")
     parser.add_argument("--replicas", type=int, default=2, help="processes of every service")
     parser.add_argument("--json", type=Path, help="write the summary here too")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, data) even when all is well")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gputrace-cluster-"))
     work.chmod(0o755)  # PostgreSQL runs as its own user when we are root
@@ -313,7 +319,7 @@ def main() -> None:
     print(summary)
     if args.json:
         args.json.write_text(summary)
-    if report.ok():
+    if report.ok() and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     else:
         print(f"logs kept in {work / 'stack' / 'logs'}", file=sys.stderr)
