@@ -1,7 +1,7 @@
 """One-shot, run as the ledger database's OWNER role: the ledger's migrations (its tables and
 append-only guards, services/ledger/migrations), then the run-time role's grants (rows only).
 `python -m services.ledger.schema --runtime-role ROLE`, or `gputrace migrate --service ledger
---runtime-role ROLE` (what compose's `migrate` job runs).
+--runtime-role ROLE` (what compose's `ledger-migrate` job runs).
 
 The ledger itself then runs as the run-time role (docs/ops.md, "The ledger's two roles"): not owning
 the tables, it cannot drop or disable the triggers that keep its log append-only, and at start-up
