@@ -1,14 +1,16 @@
 """What a typed response costs FastAPI per request, without the database or the network: the
 work between a route's return and the response's bytes, for the inclusion proof's body (20
-hashes, a proof at 10^6 entries) and a batch view's (a 12-step timeline with an award), four ways:
+hashes, a proof at 10^6 entries), a batch view's (a 12-step timeline with an award) and a page of
+500 batch summaries (GET /v1/batches?limit=500), five ways:
 
 - `dict`: `-> dict[str, Any]`, what the untyped routes did;
 - `model`: the route builds the model and returns it (`-> InclusionProof`): the constructor
   validates once, FastAPI's response validation is then an isinstance check, pydantic-core writes the JSON;
 - `dict+model`: the route returns a dict and names the model in `response_model`: one validation
-  of the dict into the model, then the JSON (the typed dict-building routes here);
+  of the dict into the model, then the JSON (this API's one-object routes);
 - `JSONResponse`: the dict encoded by json.dumps and returned as is (`response_model` only documents);
-- `to_json`: the dict encoded by pydantic-core's to_json into a plain Response (likewise).
+- `to_json`: the dict encoded by pydantic-core's to_json into a plain Response (likewise; this
+  API's list routes, /v1/batches and /v1/anomalies).
 
 FastAPI's own `serialize_response` is timed with each route's own response field, in CPU time
 (time.process_time), the ways interleaved round by round so a loaded machine slows each alike.
@@ -35,7 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute, serialize_response
 from pydantic_core import to_json
 
-from services.ledger.responses import BatchDetail, InclusionProof
+from services.ledger.responses import BatchDetail, BatchesPage, BatchSummary, InclusionProof
 
 PROOF = {
     "leaf_index": 123_456,
@@ -94,6 +96,14 @@ BATCH: dict[str, Any] = {
     "timeline": [{**_STEP, "leaf_index": i} for i in range(12)],
 }
 
+# GET /v1/batches?limit=500: the list routes answer with pydantic-core's to_json for this reason.
+PAGE = {
+    "total": 1000,
+    "limit": 500,
+    "offset": 0,
+    "items": [{k: BATCH[k] for k in BatchSummary.model_fields} | {"batch_id": f"B-{i}"} for i in range(500)],
+}
+
 
 def ways(body: dict[str, Any], model: Any) -> dict[str, Callable[[], Coroutine[Any, Any, bytes]]]:
     """Each way: from the route's data to the response's bytes, as FastAPI does it."""
@@ -138,7 +148,12 @@ def ways(body: dict[str, Any], model: Any) -> dict[str, Callable[[], Coroutine[A
 
 
 async def run(calls: int, rounds: int) -> None:
-    for name, body, model in (("proof", PROOF, InclusionProof), ("batch", BATCH, BatchDetail)):
+    for name, body, model in (
+        ("proof", PROOF, InclusionProof),
+        ("batch", BATCH, BatchDetail),
+        ("page", PAGE, BatchesPage),
+    ):
+        n = calls if name != "page" else max(calls // 100, 10)  # a page is ~100 small bodies
         each = ways(body, model)
         answers = {w: json.loads(await f()) for w, f in each.items()}
         assert all(a == answers["dict"] for a in answers.values()), f"{name}: the ways answer different JSON"
@@ -146,9 +161,9 @@ async def run(calls: int, rounds: int) -> None:
         for _ in range(rounds):
             for way, f in each.items():
                 start = time.process_time()
-                for _ in range(calls):
+                for _ in range(n):
                     await f()
-                times[way].append((time.process_time() - start) / calls * 1e6)
+                times[way].append((time.process_time() - start) / n * 1e6)
         base = statistics.median(times["dict"])
         for way in each:
             median = statistics.median(times[way])
