@@ -3,15 +3,18 @@
 running ledger (real Kafka and PostgreSQL behind it) holding one batch's life.
 
 Every body must parse into the generated typed models, and no object may carry a key the schema
-does not declare (the generator keeps those in `additional_properties`): a route answering more,
-or other, than its documented model fails here, and an untyped route's body would be all
-`additional_properties`. Exempt are the schema's free-form maps (`dict[str, ...]` fields) and the
-objects the schema itself leaves open: the standards' extension points and an anomaly's details.
+does not declare: the generated models keep such keys in `additional_properties` where the schema
+leaves objects open, and drop them where it says `additionalProperties: false` (so the body is
+compared with the parsed models' to_dict()). A route answering more, or other, than its documented
+model fails here, and an untyped route's body would be all `additional_properties`. Exempt are the
+schema's free-form maps (`dict[str, ...]` fields) and the objects the schema itself leaves open:
+the standards' extension points and an anomaly's code-specific fields.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pkgutil
 import subprocess
@@ -85,6 +88,19 @@ def undeclared(value: Any, where: str = "body") -> list[str]:
     return found
 
 
+def dropped(sent: Any, kept: Any, where: str = "body") -> list[str]:
+    """Paths of the keys the server sent that the parsed body no longer has: a model whose schema
+    says `additionalProperties: false` is generated without a place for other keys, and its
+    from_dict ignores them."""
+    if isinstance(sent, list) and isinstance(kept, list):
+        return [p for i, (s, k) in enumerate(zip(sent, kept, strict=False)) for p in dropped(s, k, f"{where}[{i}]")]
+    if not (isinstance(sent, dict) and isinstance(kept, dict)):
+        return []
+    return [f"{where}.{k}" for k in sent if k not in kept] + [
+        p for k in sent if k in kept for p in dropped(sent[k], kept[k], f"{where}.{k}")
+    ]
+
+
 @pytest.fixture(scope="module")
 async def batch(
     partner: PartnerClient, outcomes: TopicWatcher, api: httpx.AsyncClient, database_urls: dict[str, str]
@@ -147,6 +163,10 @@ async def test_a_generated_client_reads_every_endpoint(
                 problems.append(f"{name}: parsed as {type(items[0]).__name__ if items else None}, not {model}")
             if undeclared(parsed):
                 problems.append(f"{name}: keys the schema does not declare: {undeclared(parsed)}")
+            sent = json.loads(response.content)
+            kept = [i.to_dict() for i in items] if isinstance(parsed, list) else parsed.to_dict()
+            if dropped(sent, kept):
+                problems.append(f"{name}: keys the client's models drop (undeclared): {dropped(sent, kept)}")
             if model == "BatchDetail":  # typed all the way down, not dicts
                 assert parsed.award.funding.currency == "KRW"
                 assert [a.code for t in parsed.timeline for a in t.anomalies] == ["DAMAGED_IN_TRANSIT"]
