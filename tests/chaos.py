@@ -493,6 +493,7 @@ class Lag:
             isolation_level="read_committed",
             request_timeout_ms=5000,
         )
+        self._reading = asyncio.Lock()
 
     async def __aenter__(self) -> Lag:
         await self._admin.start()
@@ -526,16 +527,22 @@ class Lag:
                 lag[tp] = await self._readable(tp, start, ends[tp])
         return lag
 
-    async def _readable(self, tp: TopicPartition, start: int, end: int) -> int:
-        self._probe.assign([tp])
-        self._probe.seek(tp, start)
-        n = 0
-        while True:
-            got = await self._probe.getmany(tp, timeout_ms=1000, max_records=500)
-            records = got.get(tp, [])
-            n += sum(1 for r in records if r.offset < end)
-            if not records or records[-1].offset >= end - 1 or await self._probe.position(tp) >= end:
-                return n
+    async def _readable(self, tp: TopicPartition, start: int, end: int, timeout: float = 10) -> int:
+        # One probe for every caller (fault watchers run beside the final wait): one read at a time.
+        async with self._reading:
+            self._probe.assign([tp])
+            self._probe.seek(tp, start)
+            n = 0
+            deadline = time.monotonic() + timeout
+            # An empty fetch is not the end (a slow broker answers nothing within the poll): read on
+            # until the position passes `end` (transaction markers and aborted records are skipped).
+            while await self._probe.position(tp) < end and time.monotonic() < deadline:
+                got = await self._probe.getmany(tp, timeout_ms=1000, max_records=500)
+                records = got.get(tp, [])
+                n += sum(1 for r in records if r.offset < end)
+                if records and records[-1].offset >= end - 1:
+                    break
+            return n
 
     async def all(self, services: Iterable[str] = ALL_SERVICES) -> dict[str, int]:
         return {s: await self.of(s) for s in services}
