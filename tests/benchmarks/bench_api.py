@@ -314,7 +314,9 @@ def serve() -> None:
         workers=int(os.environ.get("BENCH_WORKERS", "1")),
         host="127.0.0.1",
         port=Settings().http_port,
-        log_level="warning",
+        # INFO for uvicorn's own lines (no access log): ledger_server counts "Application startup
+        # complete", one per worker.
+        log_level="info",
         access_log=False,
     )
 
@@ -354,8 +356,11 @@ def ledger_server(
     try:
         deadline = time.monotonic() + 120
         while True:
+            # Every worker started: a worker's start-up DDL (the log's guards) takes exclusive locks
+            # that deadlock with another worker's reads, so nothing is measured before the last.
+            started = (work / "ledger.log").read_text(errors="replace").count("Application startup complete")
             try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                if started >= workers and httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
