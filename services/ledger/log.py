@@ -24,7 +24,6 @@ from sqlalchemy import (
     ScalarSelect,
     Select,
     Text,
-    insert,
     inspect,
     select,
     text,
@@ -37,6 +36,7 @@ from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.contract.cloudevents import canonical_json
+from shared.runtime.aggregates import insert_many
 from shared.runtime.db import utcnow
 
 WRITER_LOCK = 0x6770_7574_7261_6365  # "gputrace"
@@ -314,8 +314,10 @@ class LogWriter:
         """Advance the head and sign a checkpoint for the new size (one per batch of appends)."""
         if self._frontier.size == self.start_size:
             return None
-        await self._session.execute(insert(LogEntry), self._entries)
-        await self._session.execute(insert(LogNode), self._nodes)
+        # Straight through psycopg on PostgreSQL (shared.runtime.aggregates.insert_many): a batch's
+        # entries and nodes cost a prepared statement each, not SQLAlchemy's per-row processing.
+        await insert_many(self._session, LogEntry.__table__, self._entries)  # type: ignore[attr-defined]
+        await insert_many(self._session, LogNode.__table__, self._nodes)  # type: ignore[attr-defined]
         self._entries, self._nodes = [], []
         root = self._frontier.root()
         await _check_consistent_with_last(self._session, self._frontier.size, root)

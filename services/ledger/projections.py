@@ -244,7 +244,8 @@ async def prefetch(session: AsyncSession, events: Sequence[CloudEvent]) -> None:
     t = _PLEDGE_VIEWS.c
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
-        rows = await session.execute(select(t.pledge_id, t.version, t.state).where(t.pledge_id.in_(chunk)))
+        query = select(t.pledge_id, t.version, t.state).where(aggregates.among(session, t.pledge_id, chunk))
+        rows = await session.execute(query)
         views.update({r.pledge_id: (r.version, r.state) for r in rows})  # type: ignore[union-attr]
         for pledge_id in chunk:
             views.setdefault(pledge_id, None)  # type: ignore[union-attr]

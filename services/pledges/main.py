@@ -81,7 +81,9 @@ async def prefetch(session: AsyncSession, events: Sequence[CloudEvent]) -> None:
     wanted = [i for i in dict.fromkeys(aggregates.strings(e.data.get("pledge_id") for e in events)) if i not in states]
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
-        rows = await session.execute(select(PLEDGES.c.pledge_id, PLEDGES.c.state).where(PLEDGES.c.pledge_id.in_(chunk)))
+        among = aggregates.among(session, PLEDGES.c.pledge_id, chunk)
+        query = select(PLEDGES.c.pledge_id, PLEDGES.c.state).where(among)
+        rows = await session.execute(query)
         states.update({pledge_id: state for pledge_id, state in rows})
         for pledge_id in chunk:
             states.setdefault(pledge_id, None)

@@ -28,8 +28,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from psycopg import sql as pgsql
-from sqlalchemy import Table, insert, inspect, select, tuple_
+from sqlalchemy import Table, any_, bindparam, insert, inspect, select, tuple_
 from sqlalchemy import event as sa_event
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapper, ORMExecuteState
@@ -181,8 +182,8 @@ async def driver_cursor(session: AsyncSession) -> Any | None:
     """A psycopg cursor on the session's own connection, inside its transaction (and savepoint),
     or None when the database is not PostgreSQL. For the bulk writes of every batch: SQLAlchemy's
     per-row parameter processing and its ever-different multi-VALUES statements (which psycopg
-    parses afresh each time) cost more than the work; psycopg's executemany sends one prepared
-    statement per row in a pipeline."""
+    parses afresh each time) cost more than the work; psycopg's COPY, or its executemany (one
+    prepared statement per row, pipelined), cost a fraction."""
     if session.bind is None or session.bind.dialect.name != "postgresql":
         return None
     connection = await session.connection()
@@ -206,14 +207,25 @@ def _insert_sql(table: Table, columns: Sequence[str], returning: str | None = No
 
 
 _SQL: dict[tuple[Any, ...], Any] = {}
+_NEXTVALS = "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)"
+
+
+def _copy_sql(table: Table, columns: Sequence[str]) -> Any:
+    key = ("copy", table.name, tuple(columns))
+    stmt = _SQL.get(key)
+    if stmt is None:
+        stmt = _SQL[key] = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+            pgsql.Identifier(table.name), pgsql.SQL(", ").join(map(pgsql.Identifier, columns))
+        )
+    return stmt
 
 
 async def insert_many(
     session: AsyncSession, table: Table, rows: Sequence[dict[str, Any]], returning: str | None = None
 ) -> list[Any]:
     """INSERT these rows (dicts with the same keys) in the session's transaction, in order; with
-    `returning`, that column of each row, in the rows' order. PostgreSQL: psycopg's executemany
-    (driver_cursor); elsewhere a SQLAlchemy Core insert."""
+    `returning`, that column of each row, in the rows' order. PostgreSQL: psycopg's COPY, or its
+    executemany with `returning` (driver_cursor); elsewhere a SQLAlchemy Core insert."""
     if not rows:
         return []
     columns = list(rows[0])
@@ -227,9 +239,22 @@ async def insert_many(
         return list(result.scalars())
     params = [tuple(r[c] for c in columns) for r in rows]
     async with cursor:
-        await cursor.executemany(_insert_sql(table, columns, returning), params, returning=returning is not None)
-        if returning is None:
-            return []
+        ids: list[Any] = []
+        if returning is not None:
+            # A serial key's values drawn first (ascending, so in the rows' order), then COPY.
+            await cursor.execute(_NEXTVALS, (table.name, returning, len(params)))
+            ids = sorted(r[0] for r in await cursor.fetchall() if r[0] is not None)
+            if len(ids) == len(params):
+                columns, params = [returning, *columns], [(i, *p) for i, p in zip(ids, params, strict=True)]
+            else:  # not a serial column: executemany ... RETURNING below
+                ids = []
+        if returning is None or ids:
+            # COPY: the cheapest way in.
+            async with cursor.copy(_copy_sql(table, columns)) as copy:
+                for row in params:
+                    await copy.write_row(row)
+            return ids
+        await cursor.executemany(_insert_sql(table, columns, returning), params, returning=True)
         out = []
         while True:
             row = await cursor.fetchone()
@@ -275,6 +300,14 @@ def _upsert(session: AsyncSession, table: Table, keys: Sequence[str], update: Se
     dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
     stmt = (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
     return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in update})
+
+
+def among(session: AsyncSession, column: Any, values: list[Any]) -> Any:
+    """`column IN values`; on PostgreSQL `column = ANY(array)`, one parameter: the same statement
+    text for every batch, which SQLAlchemy and psycopg cache (an IN list of 500 is not)."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+    return column.in_(values)
 
 
 def strings(values: Iterable[Any]) -> list[str]:
