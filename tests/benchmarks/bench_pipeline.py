@@ -438,13 +438,18 @@ def start_profiles(systems: list[System], out: Path) -> list[subprocess.Popen[by
     spy = Path(sys.executable).parent / "py-spy"
     return [
         subprocess.Popen(
-            [str(spy), "record", "--pid", str(pid), "--format", "raw", "-o", str(out / f"{name}.txt"), "--rate", "200"],
+            # Non-blocking: sampling must not pause the process (blocking py-spy halves its throughput).
+            [str(spy), "record", "--nonblocking", "--pid", str(pid), "--format", "raw", *_spy_out(out, name)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         for s in systems
         for name, pid in s.processes.items()
     ]
+
+
+def _spy_out(out: Path, name: str) -> list[str]:
+    return ["-o", str(out / f"{name}.txt"), "--rate", "100"]
 
 
 def stop_profiles(spies: list[subprocess.Popen[bytes]]) -> None:
@@ -620,8 +625,9 @@ def main() -> None:
     parser.add_argument("--level-seconds", type=float, default=6.0, help="seconds of load per latency level")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile", type=Path, help="py-spy every process during the rounds, into this directory")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a round may take (a loaded machine)")
     args = parser.parse_args()
-    opts = Options(args.events, args.warmup, max(1, args.rounds), args.level_seconds, LEVELS, args.out)
+    opts = Options(args.events, args.warmup, max(1, args.rounds), args.level_seconds, LEVELS, args.out, args.timeout)
     opts.profile = args.profile
     from tests.stack import start_stack  # the services' imports are heavy; only here
 
