@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -125,6 +126,7 @@ def main() -> None:
         batch, trace_id = asyncio.run(award_trace(work))
     finally:
         server.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
     services = sorted({s["service"] for s in SPANS})
     print(f"{len(SPANS)} spans received over OTLP/HTTP from {', '.join(services)}")
     print(f"batch {batch}, its award (quote.awarded.v1), trace {trace_id}:")
