@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: help run test install lint format fetch-kafka demo bench bench-api chaos chaos-cluster up down logs docs clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 run: install ## Start Kafka and every service on this machine (no Docker); Ctrl-C stops all (ARGS="--kafka-port 0")
 	$(BIN)/gputrace run $(ARGS)
