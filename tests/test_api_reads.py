@@ -4,6 +4,7 @@ GET /v1/batches?after= pages by key exactly as offset paging does, over real HTT
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 import uuid
@@ -16,6 +17,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gputrace_verifier import merkle
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ledger.log import LOG_TABLES, LogWriter, entries_and_size, size_and_leaf_index, size_and_nodes
@@ -96,6 +98,29 @@ async def test_proof_reads_answer_alike_on_both_databases(log_engine: AsyncEngin
         assert await size_and_leaf_index(conn, leaves[57], SIZE) == (SIZE, 57)
         assert await size_and_leaf_index(conn, leaves[57], 57) == (SIZE, None)  # not below tree_size 57
         assert await size_and_leaf_index(conn, b"\0" * 32, SIZE) == (SIZE, None)
+
+
+async def test_the_read_pool_keeps_its_connections_under_concurrency(postgres_url: str) -> None:
+    """More concurrent requests than pooled connections wait for one; none is opened (a PostgreSQL
+    backend started) and closed per request, as overflow connections were at 50 clients."""
+    engine = make_engine(postgres_url, pool_size=3, reader=True)
+    opened = 0
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _count(*_: Any) -> None:
+        nonlocal opened
+        opened += 1
+
+    async def reader() -> None:
+        for _ in range(5):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT pg_sleep(0.005)"))
+
+    try:
+        await asyncio.gather(*(reader() for _ in range(12)))
+    finally:
+        await engine.dispose()
+    assert opened == 3
 
 
 def test_keyset_pages_walk_the_batches_as_offset_pages_do(postgres_url: str) -> None:

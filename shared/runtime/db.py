@@ -112,7 +112,9 @@ def make_engine(url: str, pool_size: int = 5, reader: bool = False) -> AsyncEngi
             url,
             pool_pre_ping=True,
             pool_size=pool_size,
-            max_overflow=pool_size,
+            # No overflow: at 50 clients the overflow connections were opened and closed per request
+            # (a PostgreSQL backend started each time); a request beyond the pool waits for one instead.
+            max_overflow=0,
             pool_recycle=300,
             isolation_level="AUTOCOMMIT",
         )
