@@ -50,8 +50,11 @@ class Appender:
         # Projections first: if they fail, nothing was appended and the frontier has not moved.
         await project(session, decision, writer.size)
         # The index columns are bounded (log_entries); the entry itself keeps every character.
+        entry = signed_entry(event)
         appended = writer.append(
-            signed_entry(event),
+            entry,
+            # The entry's canonical form from the decision's, made once when its signature was checked.
+            body=event.canonical_with_data(ENVELOPE_FIELD, entry[ENVELOPE_FIELD]),
             service=fit(decision.service, 40),
             event_type=fit(decision.event_type, 100),
             status=fit(decision.status, 20),
@@ -60,19 +63,19 @@ class Appender:
             party_id=_fit(decision.party_id),
         )
         # One INFO line per batch names its entries (after_batch); per entry only at DEBUG.
-        entry = {
+        named = {
             "leaf_index": appended.leaf_index,
             "decision_id": decision.decision_id,
             "event_id": (decision.event or {}).get("id"),
             "traceparent": event.trace.get("traceparent"),
         }
         # By leaf index: a record rolled back to its savepoint (safe mode) frees its index for the next.
-        session.info.setdefault(_APPENDED, {})[appended.leaf_index] = entry
+        session.info.setdefault(_APPENDED, {})[appended.leaf_index] = named
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "appended %s",
                 decision.event_type,
-                extra={**entry, "batch_id": decision.batch_id, "party": decision.party_id},
+                extra={**named, "batch_id": decision.batch_id, "party": decision.party_id},
             )
 
     async def after_batch(self, session: AsyncSession) -> None:

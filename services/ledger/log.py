@@ -289,9 +289,11 @@ class LogWriter:
                 del self._entries[entries:], self._nodes[nodes:], self._marks[i:]
                 return
 
-    def append(self, entry: dict[str, Any], **index_columns: Any) -> Appended:
+    def append(self, entry: dict[str, Any], body: bytes | None = None, **index_columns: Any) -> Appended:
+        """Append `entry`; `body`, when given, is canonical_json(entry) already made (the appender
+        builds it from the decision's own canonical form, CloudEvent.canonical_with_data)."""
         self._remember()
-        body = canonical_json(entry)
+        body = canonical_json(entry) if body is None else body
         leaf = merkle.leaf_hash(body)
         index = self._frontier.size
         self._nodes.extend({"level": lvl, "idx": i, "hash": h} for lvl, i, h in self._frontier.append(leaf))

@@ -59,6 +59,36 @@ def canonical_json(value: Any) -> bytes:
     return rfc8785.dumps(value)
 
 
+# The member name around which an event's data is serialised in two halves (CloudEvent.canonical_data):
+# the ledger adds it to the data (its entries' envelope), so an entry's canonical form is the two
+# halves with that member between them. ASCII, so it sorts alike in UTF-16 and code-point order.
+_PIVOT = "envelope"
+
+
+def _halves(value: dict[str, Any], pivot: str) -> tuple[bytes, bytes]:
+    """canonical_json of the members of `value` whose names sort before `pivot`, and after it.
+    RFC 8785 sorts names by UTF-16 code units; against an ASCII name that order and Python's agree
+    (a character beyond U+FFFF is above ASCII in both), so the two halves joined are
+    canonical_json(value)."""
+    before = {k: v for k, v in value.items() if isinstance(k, str) and k < pivot}
+    after = {k: v for k, v in value.items() if not (isinstance(k, str) and k < pivot)}
+    return canonical_json(before), canonical_json(after)
+
+
+def _join(before: bytes, member: bytes, after: bytes) -> bytes:
+    """The object of two canonical objects' members, with `member` (b'"name":value') between."""
+    parts = [p for p in (before[1:-1], member, after[1:-1]) if p]
+    return b"{" + b",".join(parts) + b"}"
+
+
+def _with_member(members: dict[str, Any], name: str, canonical_value: bytes) -> bytes:
+    """canonical_json({**members, name: value}) given canonical_json(value); `name` is ASCII and
+    replaces a member of that name, as in the dict."""
+    before = {k: v for k, v in members.items() if k < name}
+    after = {k: v for k, v in members.items() if k > name}
+    return _join(canonical_json(before), json.dumps(name).encode() + b":" + canonical_value, canonical_json(after))
+
+
 # What UTF-16 orders differently from code points (RFC 8785 §3.2.3), or cannot encode at all.
 _NOT_BMP = re.compile("[\ud800-\udfff\U00010000-\U0010ffff]")
 
@@ -126,11 +156,38 @@ class CloudEvent:
         return {**self.attributes(), "data": self.data}
 
     def signing_input(self) -> bytes:
-        return canonical_json(self.structured())
+        """canonical_json(self.structured()), built from the data's canonical form (kept, see
+        `canonical_data`) and the attributes': the data is serialised once per event, however
+        many times it is signed, verified, sent or appended to the ledger."""
+        return _with_member(self.attributes(), "data", self.canonical_data())
+
+    def canonical_data(self) -> bytes:
+        """canonical_json(self.data), computed once per event. `data` is not to be changed after
+        an event is made (the signature covers it)."""
+        before, after = self._data_halves()
+        return _join(before, b"", after)
+
+    def canonical_with_data(self, name: str, value: Any) -> bytes:
+        """canonical_json({**self.data, name: value}) for the member that the ledger adds
+        (shared.runtime.consumer.ENVELOPE_FIELD), reusing the data's canonical form."""
+        if name != _PIVOT or name in self.data:
+            return canonical_json({**self.data, name: value})
+        before, after = self._data_halves()
+        return _join(before, json.dumps(name).encode() + b":" + canonical_json(value), after)
+
+    def _data_halves(self) -> tuple[bytes, bytes]:
+        cached = self.__dict__.get("_halves")
+        if cached is None:
+            cached = _halves(self.data, _PIVOT)
+            # A frozen dataclass, but a cache is not state: set directly, as cached_property does.
+            self.__dict__["_halves"] = cached
+        return cached  # type: ignore[no-any-return]
 
     def signed(self, key: Ed25519PrivateKey) -> CloudEvent:
         sig = base64.b64encode(key.sign(self.signing_input())).decode()
-        return replace(self, signature=sig)
+        event = replace(self, signature=sig)
+        event.__dict__["_halves"] = self._data_halves()  # same data: its canonical form goes along
+        return event
 
     def verify(self, public_key: Ed25519PublicKey) -> bool:
         if not self.signature:
@@ -150,7 +207,10 @@ class CloudEvent:
             headers.append(("ce_signature", self.signature.encode()))
         headers.extend((k, v.encode()) for k, v in self.trace.items())
         key = self.subject.encode() if self.subject else None
-        return key, json.dumps(self.data, separators=(",", ":"), ensure_ascii=False).encode(), headers
+        # A signed event's value is its data's canonical JSON, already made for the signature.
+        halves = self.__dict__.get("_halves")
+        value = _join(halves[0], b"", halves[1]) if halves is not None else None
+        return key, value or json.dumps(self.data, separators=(",", ":"), ensure_ascii=False).encode(), headers
 
 
 def now_rfc3339() -> str:
