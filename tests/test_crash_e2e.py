@@ -130,14 +130,9 @@ def crash_mid_stream(e2e: E2E, tmp_path: Path) -> Callable[[Crash], Awaitable[No
     return run
 
 
-# On SQLite, kill -9 of pledges and the ledger mid-stream has published outcomes and decisions a
-# second time (identical copies: 136 in one run; 30 on the code before schema migrations, so not
-# theirs): events re-decided after the restart whose first decisions had already gone out. Kept as
-# a known failure until the consumer/outbox path on SQLite is fixed (reported in issue 12's notes).
-SQLITE_CRASH = pytest.mark.xfail(reason="SQLite: duplicate outcomes after kill -9 mid-stream", strict=False)
-
-
-@pytest.mark.parametrize("backend", ["postgres", pytest.param("sqlite", marks=SQLITE_CRASH)])
+# SQLite once found identical outcome and decision copies here: a relay's sweep, waiting for the
+# write lock, sent rows a batch claimed and committed meanwhile (tests/test_outbox_sqlite.py).
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
 async def test_two_services_killed_at_once_mid_stream(
     e2e: E2E, crash_mid_stream: Callable[[Crash], Awaitable[None]]
 ) -> None:

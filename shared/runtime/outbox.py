@@ -368,8 +368,10 @@ class OutboxRelay:
         root = sync.get_transaction()
         state = {"committed": False, "ended": False}
 
-        def committed(_: Any) -> None:
-            state["committed"] = True
+        def committed(session: Any) -> None:
+            # SQLAlchemy calls after_commit for a SAVEPOINT's release too: only the root's commit counts.
+            if not session.in_nested_transaction():
+                state["committed"] = True
 
         def ended(_: Any, transaction: Any) -> None:
             if transaction is not root or state["ended"]:
