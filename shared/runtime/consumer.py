@@ -578,6 +578,10 @@ class BatchProcessor:
                 "it is dead-lettered for the operators: send it again with a new ce_id once they say so",
             )
             self._record(session, item, verdict, None, summarise=True)
+        elif item.key != _kafka_key(item.record):
+            # A decision given up: its own key marked too, so a redelivery (an offset commit lost
+            # to a rebalance) is a duplicate, not a second give-up re-marking the position.
+            _mark(session, item.key, None)
 
     async def _decide(self, session: AsyncSession, item: _Item, watch: _Watch, safe: bool) -> None:
         # Routed by topic, never by the claimed source: only services write decision topics.
