@@ -24,6 +24,7 @@ import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gputrace_verifier.cli import main as audit_main
 from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.exc import DBAPIError
@@ -36,6 +37,7 @@ from services.ledger.projections import PROJECTION_TABLES
 from services.pledges.main import PledgeRow
 from services.quotes.main import TABLES as QUOTES_TABLES
 from services.witness.main import WITNESS_TABLES
+from shared.contract.parties import write_private_key
 from shared.runtime.db import MECHANISM_TABLES, create_tables, make_engine, session_factory
 from shared.runtime.migrations import head, migrate, schema_state
 from tests.test_log_api import (
@@ -319,3 +321,36 @@ def test_a_service_on_an_older_schema_refuses_to_start(new_database: NewDatabase
         "refusing to start: pledges: database schema at revision none (tables made before migrations), "
         "code needs 0001: run gputrace migrate --service pledges"
     ), done.stderr
+
+
+def test_the_witness_on_tables_from_before_migrations_refuses_to_start(tmp_path: Path) -> None:
+    """The witness keeps what it has cosigned (a log's size and root): its database is upgraded by
+    `gputrace migrate`, never guessed at by the process."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'witness.db'}"
+
+    async def pre_migration() -> None:
+        engine = make_engine(url)
+        try:
+            await create_tables(engine, list(WITNESS_TABLES))  # type: ignore[arg-type]
+        finally:
+            await engine.dispose()
+
+    run_async(pre_migration())
+    write_private_key(tmp_path / "witness.key", Ed25519PrivateKey.generate())
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "WITNESS_SIGNING_KEY": str(tmp_path / "witness.key"),
+        "VAR_DIR": str(tmp_path / "var"),
+        "HTTP_PORT": "9",
+        "LOG_JSON": "false",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "services.witness"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "refusing to start: witness: database schema at revision none (tables made before migrations), "
+        "code needs 0001: run gputrace migrate --service witness"
+    ), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -15,6 +15,7 @@ Kafka service: it talks HTTP only and needs nothing of the pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -40,6 +41,7 @@ from sqlmodel import Field, SQLModel
 
 from shared.contract.parties import load_private_key
 from shared.runtime.db import make_engine, session_factory, utcnow
+from shared.runtime.migrations import SchemaMismatch, prepare_schema
 from shared.runtime.observability import configure_logging
 from shared.runtime.settings import Settings
 
@@ -129,8 +131,9 @@ class Witness:
         self.vkey = make_witness_vkey(name, key.public_key())
 
     async def init_db(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(lambda sync: SQLModel.metadata.create_all(sync, tables=WITNESS_TABLES))
+        # Its schema from its migrations, like every service: an empty database is created at
+        # head, an older one refused (gputrace migrate --service witness).
+        await prepare_schema(self.engine, SERVICE)
 
     async def add_checkpoint(self, body: bytes) -> str:
         """The cosignature line for a submission, or Refused with the status tlog-witness prescribes."""
@@ -296,6 +299,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+async def _check_schema(settings: Settings) -> None:
+    engine = make_engine(settings.sqlalchemy_url(SERVICE))
+    try:
+        await prepare_schema(engine, SERVICE)
+    finally:
+        await engine.dispose()
+
+
 def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -303,6 +314,11 @@ def main() -> None:
         app = create_app(settings)
     except WitnessConfigError as exc:
         raise SystemExit(f"witness: {exc}") from None
+    try:
+        # Before the server: a schema older than the code stops it with one line, not a traceback.
+        asyncio.run(_check_schema(settings))
+    except SchemaMismatch as exc:
+        raise SystemExit(f"refusing to start: {exc}") from None
     uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_config=None)
 
 
