@@ -55,9 +55,12 @@ def canonical_json(value: Any) -> bytes:
     UTF-16 order, integers print alike, the same escapes), ~5x faster than `rfc8785`. Anything
     else (floats, astral characters, big integers, other types) goes to `rfc8785`."""
     if _jcs_fast(value):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+        return _CANONICAL.encode(value).encode()
     return rfc8785.dumps(value)
 
+
+# Built once: json.dumps with these options would build an encoder on every call (several per event).
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 # The member name around which an event's data is serialised in two halves (CloudEvent.canonical_data):
 # the ledger adds it to the data (its entries' envelope), so an entry's canonical form is the two
