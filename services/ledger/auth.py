@@ -139,7 +139,9 @@ def write_dev_tokens(path: Path, partner_ids: list[str]) -> dict[str, str]:
 _bearer = HTTPBearer(auto_error=False, description="A token from the API_TOKENS file")
 
 
-def current_principal(
+# async: a token lookup is a hash and a dict read, never blocking; a plain def would be sent to
+# FastAPI's thread pool on every request.
+async def current_principal(
     request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     if creds is None:
@@ -156,7 +158,7 @@ CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
 def require(*roles: Role):  # type: ignore[no-untyped-def]
-    def check(principal: CurrentPrincipal) -> Principal:
+    async def check(principal: CurrentPrincipal) -> Principal:
         if principal.role not in roles:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {principal.role} may not read this")
         return principal
