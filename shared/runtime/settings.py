@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python log level.")
     log_json: bool = Field(True, description="Structured JSON logs (false: plain text).")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector (OTLP/HTTP, e.g. http://collector:4318): spans of every record "
+        "handled go to its /v1/traces (shared.runtime.tracing). Unset: no spans, partners' traceparent passed on.",
+    )
 
     # Ledger.
     ledger_origin: str = Field("gputrace.example/ledger", description="Checkpoint origin line of the log.")
@@ -99,7 +104,7 @@ class Settings(BaseSettings):
 
     witnesses: list[WitnessEndpoint] = Field(
         [],
-        description='Ledger: witnesses asked to cosign each new checkpoint (C2SP tlog-witness), a JSON list of '
+        description="Ledger: witnesses asked to cosign each new checkpoint (C2SP tlog-witness), a JSON list of "
         '{"url": submission prefix, "vkey": cosignature key or a file holding it}. Empty: no witnessing.',
     )
     witness_poll_seconds: float = Field(1.0, description="Ledger: how often it looks for checkpoints to witness.")
