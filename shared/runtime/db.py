@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, LargeBinary, Table, Text, event
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy import Column, LargeBinary, Table, Text, event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -133,3 +133,24 @@ async def create_tables(engine: AsyncEngine, tables: Sequence[Table]) -> None:
 
 def is_postgres(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+# A session lock (the outbox relay's, the ledger's leader lock) lives as long as its connection.
+# A holder that is killed frees it at once; one that is frozen (SIGSTOP, a stalled VM, a hung
+# event loop) would keep it for ever, and its service's outbound records or the ledger's appends
+# would wait with it. Its holder touches the connection every poll (a second or less), so
+# PostgreSQL ends a lock session silent for this long, and a standby takes the lock. A holder that wakes up finds
+# its connection gone and contends again; Kafka's transactional fencing and the ledger's writer
+# lock keep such a late holder from doing harm meanwhile.
+LOCK_SESSION_IDLE_SECONDS = 30.0
+
+
+async def end_session_when_silent(conn: AsyncConnection, seconds: float | None = None) -> None:
+    """Have PostgreSQL close `conn`'s session (and free its session locks) after `seconds` idle
+    (default LOCK_SESSION_IDLE_SECONDS, read at call time)."""
+    if conn.dialect.name != "postgresql":
+        return  # SQLite: one process, no session locks
+    seconds = LOCK_SESSION_IDLE_SECONDS if seconds is None else seconds
+    async with conn.begin():
+        # SET (not SET LOCAL): it outlives this transaction, for the session's life.
+        await conn.execute(text(f"SET idle_session_timeout = {int(seconds * 1000)}"))

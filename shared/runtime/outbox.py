@@ -62,7 +62,14 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from shared.contract import MAX_RECORD_BYTES
 from shared.contract.cloudevents import CloudEvent
 from shared.runtime.aggregates import insert_many
-from shared.runtime.db import OutboxMessage, ParkedOutboxMessage, ProcessedMessage, is_postgres, utcnow
+from shared.runtime.db import (
+    OutboxMessage,
+    ParkedOutboxMessage,
+    ProcessedMessage,
+    end_session_when_silent,
+    is_postgres,
+    utcnow,
+)
 from shared.runtime.observability import OUTBOX_BACKLOG, OUTBOX_PARKED, OUTBOX_PUBLISHED
 from shared.runtime.topics import RELAY_PROGRESS_TOPIC
 from shared.runtime.tracing import PublishSpans
@@ -444,6 +451,8 @@ class OutboxRelay:
         """Wait until this relay holds the service's lock (PostgreSQL; SQLite has one process)."""
         if not is_postgres(self._engine):
             return
+        # A frozen leader must not hold the lock (and its service's outbound records) for ever.
+        await end_session_when_silent(conn)
         while True:
             async with conn.begin():
                 got = await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._lock_id})
