@@ -25,6 +25,7 @@ from shared.contract import decisions_topic, service_source
 from shared.contract.cloudevents import CloudEvent
 from shared.contract.decisions import DECISION_TYPE, Decision
 from shared.contract.parties import load_private_key
+from shared.runtime import db
 from shared.runtime.db import make_engine, utcnow
 from shared.runtime.topics import ensure_topics
 from tests.chaos import audit_verify
@@ -195,3 +196,32 @@ async def test_a_leader_whose_lock_connection_dies_stands_by_and_contends_again(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await engine.dispose()
+
+
+async def test_a_frozen_leader_loses_the_lock_to_the_standby(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader that stops pinging (SIGSTOP: here, a ping interval longer than the test) has its
+    silent lock session ended by PostgreSQL, and the standby becomes active."""
+    monkeypatch.setattr(db, "LOCK_SESSION_IDLE_SECONDS", 2.0)
+    engines = [make_engine(postgres_url, 1), make_engine(postgres_url, 1)]
+    frozen, standby = Leadership(engines[0], poll_seconds=600), Leadership(engines[1], poll_seconds=0.2)
+    seen: list[str] = []
+
+    async def note(what: str) -> None:
+        seen.append(what)
+
+    first = asyncio.create_task(frozen.run(lambda: note("frozen active"), lambda: note("frozen standby")))
+    try:
+        await wait_for(lambda: seen == ["frozen active"], 20, "the first leading")
+        second = asyncio.create_task(standby.run(lambda: note("standby active"), lambda: note("standby standby")))
+        try:
+            await wait_for(lambda: "standby active" in seen, 30, "the standby taking over from the frozen leader")
+        finally:
+            second.cancel()
+            await asyncio.gather(second, return_exceptions=True)
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        for engine in engines:
+            await engine.dispose()

@@ -6,7 +6,8 @@ exactly as long as that connection, so a leader that is killed (SIGKILL, a lost 
 as soon as its backend notices the closed socket. The active instance runs the Kafka consumer (it
 joins the ledger's consumer group); a standby asks for the lock every `poll_seconds` and starts
 its consumer once it holds it. A leader whose lock connection fails (a database restart) stops
-consuming and contends again.
+consuming and contends again; a frozen one (SIGSTOP) pings no more and PostgreSQL ends its silent
+session (shared.runtime.db.end_session_when_silent), so a standby takes over then too.
 
 Leadership keeps the work in one place; it is not what keeps the log right. Should two instances
 consume for a moment (a leader that has not yet noticed its lost connection), appends are still
@@ -24,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.ledger.log import WRITER_LOCK
-from shared.runtime.db import is_postgres
+from shared.runtime.db import end_session_when_silent, is_postgres
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class Leadership:
             try:
                 async with self._engine.connect() as conn:
                     try:
+                        # A frozen leader (SIGSTOP, a hung VM) stops pinging: PostgreSQL ends its
+                        # silent session after LOCK_SESSION_IDLE_SECONDS, freeing the lock.
+                        await end_session_when_silent(conn)
                         await self._acquire(conn)
                         self.role = "active"
                         log.warning("ledger appender active: this instance holds the leader lock and consumes")
