@@ -209,7 +209,9 @@ async def test_one_partner_event_is_one_trace_from_the_deciding_service_to_the_l
     published = [s for s in linking(finished(exporter), decide) if s.name == "pledges publish"]
     assert published and published[0].kind is trace.SpanKind.PRODUCER, "no relay span links to the decision"
     # The partner's outcome went out the same way, and carries the trace for the partner.
-    outcome_record = next(r for r in outcomes.records if json.loads(r.value).get("event_id") == event_id)
+    outcome_record = next(
+        r for r in outcomes.records if json.loads(r.value).get("decision_id") == outcome["decision_id"]
+    )
     sent = dict(outcome_record.headers)["traceparent"].decode().split("-")
     assert sent[1:] == [partner_trace, _hex(decide.context.span_id, 16), "01"]
     # The auditor's read, with FastAPI's instrumentation.
