@@ -23,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from services.ledger.log import LOG_TABLES, LogCosignature, LogWriter, install_append_only_guards
-from services.ledger.projections import PROJECTION_TABLES, upgrade
+from services.ledger.projections import PROJECTION_TABLES
 from shared.runtime.db import create_tables, make_engine, session_factory
 from tests.test_log_api import libpq, run_async
 
@@ -96,7 +96,6 @@ def test_the_ledger_runs_as_the_runtime_role_after_the_owner_s_schema_job(roles:
             await create_tables(engine, [*LOG_TABLES, *PROJECTION_TABLES])  # type: ignore[list-item]
             async with engine.begin() as conn:
                 await install_append_only_guards(conn)
-            await upgrade(engine)
             key = Ed25519PrivateKey.generate()
             async with session_factory(engine)() as session, session.begin():
                 writer = await LogWriter.open(session)

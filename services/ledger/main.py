@@ -22,7 +22,7 @@ from services.ledger.dashboard import router as dashboard_router
 from services.ledger.leadership import Leadership
 from services.ledger.log import LOG_TABLES, install_append_only_guards
 from services.ledger.log_api import log_router
-from services.ledger.projections import PROJECTION_TABLES, prefetch, upgrade
+from services.ledger.projections import PROJECTION_TABLES, prefetch
 from services.ledger.witnessing import Witnesser
 from shared.contract import DECIDING_SERVICES, decisions_topic
 from shared.contract.parties import PartyRegistry, load_private_key
@@ -88,9 +88,10 @@ def create_app(settings: Settings | None = None, consume: bool = True) -> FastAP
     api_engine = make_engine(service.engine.url.render_as_string(hide_password=False), settings.api_db_pool_size, True)
 
     async def guard_log() -> None:
+        # Indexes and backfills belong to `gputrace migrate`: every instance starting (a standby
+        # during a fail-over too) only checks the guards, taking no lock the readers would meet.
         async with service.engine.begin() as conn:
             await install_append_only_guards(conn)
-        await upgrade(service.engine)
 
     # One appender at a time: the consumer runs only while this instance leads. Its lock lives on
     # a connection of its own (closing it frees the lock), apart from the consumer's pool.

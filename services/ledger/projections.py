@@ -16,7 +16,6 @@ from typing import Any
 from sqlalchemy import Column, Select, Text, func, insert, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import Field, SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -473,16 +472,8 @@ async def backfill(session: AsyncSession) -> None:
             after = rows[-1][0]
 
 
-async def upgrade(engine: AsyncEngine) -> None:
-    """Start-up: the indexes added since a ledger's tables were created (create_all adds only
-    missing tables), then the running totals and timeline steps of an older ledger."""
-    for table in [LogEntry.__table__, *PROJECTION_TABLES]:
-        for index in table.indexes:  # type: ignore[attr-defined]
-            try:
-                async with engine.begin() as conn:
-                    await conn.run_sync(lambda sync, i=index: i.create(sync, checkfirst=True))
-            except DBAPIError as exc:
-                # The run-time role may not own the tables; the owner creates them (docs/ops.md).
-                log.warning("could not create index %s: %s", index.name, exc.orig)
+async def backfill_projections(engine: AsyncEngine) -> None:
+    """`gputrace migrate --service ledger`: the running totals and timeline steps of a ledger kept
+    before they existed (its indexes come from the migrations)."""
     async with session_factory(engine)() as session, session.begin():
         await backfill(session)

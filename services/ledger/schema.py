@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ledger.log import runtime_grants
-from services.ledger.projections import upgrade
+from services.ledger.projections import backfill_projections
 from shared.runtime.db import is_postgres, make_engine
 from shared.runtime.migrations import SchemaState, migrate
 from shared.runtime.observability import configure_logging
@@ -49,7 +49,7 @@ async def migrate_ledger(engine: AsyncEngine, runtime_role: str | None, revision
             for statement in runtime_grants(runtime_role):
                 await conn.execute(text(statement))
     if after.current == after.head:
-        await upgrade(engine)
+        await backfill_projections(engine)
     return after
 
 
