@@ -15,7 +15,6 @@ Kafka service: it talks HTTP only and needs nothing of the pipeline.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -41,7 +40,7 @@ from sqlmodel import Field, SQLModel
 
 from shared.contract.parties import load_private_key
 from shared.runtime.db import make_engine, session_factory, utcnow
-from shared.runtime.migrations import SchemaMismatch, prepare_schema
+from shared.runtime.migrations import prepare_schema, refuse_older_schema
 from shared.runtime.observability import configure_logging
 from shared.runtime.settings import Settings
 
@@ -299,14 +298,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _check_schema(settings: Settings) -> None:
-    engine = make_engine(settings.sqlalchemy_url(SERVICE))
-    try:
-        await prepare_schema(engine, SERVICE)
-    finally:
-        await engine.dispose()
-
-
 def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -314,11 +305,7 @@ def main() -> None:
         app = create_app(settings)
     except WitnessConfigError as exc:
         raise SystemExit(f"witness: {exc}") from None
-    try:
-        # Before the server: a schema older than the code stops it with one line, not a traceback.
-        asyncio.run(_check_schema(settings))
-    except SchemaMismatch as exc:
-        raise SystemExit(f"refusing to start: {exc}") from None
+    refuse_older_schema(settings.sqlalchemy_url(SERVICE), SERVICE)
     uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_config=None)
 
 

@@ -6,7 +6,6 @@ mechanism (shared.runtime.consumer + shared.runtime.outbox) around them. Service
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -41,7 +40,7 @@ from shared.runtime.db import make_engine, session_factory
 from shared.runtime.health import Readiness
 from shared.runtime.kafka_auth import faststream_security
 from shared.runtime.kafka_records import install as tolerate_bad_header_names
-from shared.runtime.migrations import SchemaMismatch, prepare_schema
+from shared.runtime.migrations import prepare_schema, refuse_older_schema
 from shared.runtime.observability import HANDLER_SECONDS, configure_logging
 from shared.runtime.outbox import OutboxRelay
 from shared.runtime.settings import Settings
@@ -234,14 +233,6 @@ class Service:
         await prepare_schema(self.engine, self.name)
         await self.relay.start()
 
-    async def _check_schema(self) -> None:
-        # Its own engine: the service's pool must not keep connections made on this event loop.
-        engine = make_engine(self.settings.sqlalchemy_url(self.name))
-        try:
-            await prepare_schema(engine, self.name)
-        finally:
-            await engine.dispose()
-
     async def stop_dependencies(self) -> None:
         await self.relay.stop()
         await self.engine.dispose()
@@ -295,13 +286,7 @@ class Service:
 
     def serve(self, app: FastAPI) -> None:
         configure_logging(self.settings.log_level, self.settings.log_json)
-        try:
-            # Before the server: a schema older than the code stops the process with one line,
-            # not a lifespan traceback.
-            asyncio.run(self._check_schema())
-        except SchemaMismatch as exc:
-            log.critical("refusing to start: %s", exc)
-            raise SystemExit(f"refusing to start: {exc}") from None
+        refuse_older_schema(self.settings.sqlalchemy_url(self.name), self.name)
         uvicorn.run(app, host=self.settings.http_host, port=self.settings.http_port, log_config=None)
 
 

@@ -13,7 +13,9 @@ What a service does with its database at start-up (`prepare_schema`, docs/ops.md
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, MetaData, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.runtime.db import make_engine
+
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 BASELINE = "0001"
@@ -131,3 +137,22 @@ async def prepare_schema(engine: AsyncEngine, service: str) -> SchemaState:
         f"{service}: database schema at revision {state.describe()}, code needs {state.head}: run gputrace migrate"
         f" --service {service}"
     )
+
+
+def refuse_older_schema(url: str, service: str) -> None:
+    """Before a server starts (`python -m services.<name>`): an empty database is created at head,
+    a schema older than the code stops the process with one line instead of a lifespan traceback."""
+
+    async def check() -> None:
+        # Its own engine: the service's pool must not keep connections made on this event loop.
+        engine = make_engine(url)
+        try:
+            await prepare_schema(engine, service)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(check())
+    except SchemaMismatch as exc:
+        log.critical("refusing to start: %s", exc)
+        raise SystemExit(f"refusing to start: {exc}") from None
