@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import uuid
 from collections import defaultdict
@@ -15,6 +16,7 @@ from typing import Any
 
 import rfc8785
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -150,7 +152,10 @@ class TopicWatcher:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-        await self._consumer.stop()
+        # Cleanup after the assertions: a fetch that timed out on a loaded broker surfaces here
+        # (seen at session teardown) and must not turn a passed run into an error.
+        with contextlib.suppress(KafkaError):
+            await self._consumer.stop()
 
     async def _run(self) -> None:
         async for rec in self._consumer:
