@@ -7,6 +7,7 @@ mechanism (shared.runtime.consumer + shared.runtime.outbox) around them. Service
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -57,21 +58,35 @@ tolerate_bad_header_names()
 def _safe_headers(record: ConsumerRecord) -> ConsumerRecord:
     # Headers dropped: FastStream would decode every value as UTF-8 (and raise on bad bytes or a
     # null value), and needs none of them; our reader sees the originals.
-    return dataclasses.replace(record, headers=())
+    return dataclasses.replace(record, headers=(), value=None)
 
 
 async def _parser(records: Any, original: Any) -> Any:
-    """FastStream's parser must not raise on any record, or the partition stalls: it parses
-    header-less copies, and the handler gets the original records."""
+    """FastStream's parser must not raise on any record, or the partition stalls: it parses a
+    header-less copy of the batch's first record only (FastStream reads nothing else of it but the
+    offsets, which are kept), and the handler gets the original records. A copy per record, and a
+    header dict per record, were ~5% of a service's CPU."""
     batch = records if isinstance(records, tuple) else (records,)
-    message = await original(tuple(_safe_headers(r) for r in batch))
+    message = await original((_safe_headers(batch[0]),))
     message.raw_message = batch
+    message.body = [r.value or b"" for r in batch]
+    message.message_id = f"{batch[0].offset}-{batch[-1].offset}-{batch[0].timestamp}"
     return message
 
 
 async def _decoder(message: Any, original: Any) -> None:
     # The handler reads the raw records; FastStream's JSON decoding would raise on bad input.
     return None
+
+
+def tune_gc() -> None:
+    """After start-up: what start-up made (modules, models, clients) is frozen out of the
+    collector's sight, and young collections run ten times less often. Each event allocates
+    short-lived containers that reference counting frees anyway; with the defaults the cyclic
+    collector rescanned them, and the long-lived heap, for ~7% of a service's CPU."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(7000, 10, 10)
 
 
 class ServiceConfigError(RuntimeError):
@@ -258,6 +273,7 @@ class Service:
                 await hook()
             if consume:
                 await service.broker.start()
+            tune_gc()
             try:
                 yield
             finally:
