@@ -228,12 +228,6 @@ def prepare(db: str) -> None:
         conn.execute(SCHEMA)
 
 
-def count_log(db: str, prefix: str) -> int:
-    with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT count(*) FROM base_log WHERE aggregate_id LIKE %s", (f"{prefix}%",)).fetchone()
-    return int(row[0]) if row else 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("role", choices=["decide", "append"])
