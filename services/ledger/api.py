@@ -13,12 +13,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic_core import to_json
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -48,6 +51,7 @@ from services.ledger.responses import (
     Problem,
     ProgramTotals,
 )
+from shared.runtime.db import distrust_pooled_connections
 
 # --------------------------------------------------------------------------- parameters and refusals
 
@@ -87,6 +91,12 @@ def explain(errors: Sequence[Any]) -> str:
     return "; ".join(parts)
 
 
+# Connection failures: psycopg's own (the log's fixed statements run on the driver connection)
+# and SQLAlchemy's wrapping of them (a dead pooled connection, or none to be had).
+DATABASE_UNREACHABLE: tuple[type[Exception], ...] = (psycopg.OperationalError, sa_exc.OperationalError)
+RETRY_AFTER_SECONDS = 1
+
+
 def _query_names(dependant: Dependant) -> set[str]:
     names = {p.alias for p in dependant.query_params}
     for sub in dependant.dependencies:
@@ -116,9 +126,22 @@ class RefuseMalformed(APIRoute):
                 detail = f"query parameter(s) given more than once: {', '.join(repeated)}"
                 return JSONResponse({"detail": detail}, status_code=400)
             try:
-                return await handler(request)
+                try:
+                    return await handler(request)
+                except DATABASE_UNREACHABLE:
+                    # A connection the database dropped (a restart kills them all): every route here
+                    # only reads, so it is answered once more, on connections pinged first.
+                    distrust_pooled_connections(request.app.state.sessions.kw["bind"])
+                    return await handler(request)
             except RequestValidationError as e:
                 return JSONResponse({"detail": explain(e.errors())}, status_code=400)
+            except (*DATABASE_UNREACHABLE, PoolTimeout):
+                # Down, or every read connection busy for the pool's timeout: a retryable 503, not a 500.
+                return JSONResponse(
+                    {"detail": "the ledger's database is unavailable; retry shortly"},
+                    status_code=503,
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                )
 
         return route
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gputrace_verifier import merkle
 from gputrace_verifier.checkpoint import Checkpoint, sign_checkpoint
@@ -396,8 +397,14 @@ Reader = AsyncConnection | AsyncSession
 
 async def _pg(conn: AsyncConnection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     raw = (await conn.get_raw_connection()).driver_connection
-    cur = await raw.execute(sql, params)
-    return await cur.fetchall()
+    try:
+        cur = await raw.execute(sql, params)
+        return await cur.fetchall()
+    except psycopg.OperationalError:
+        if raw.broken or raw.closed:
+            # Past SQLAlchemy, so tell its pool: this connection is dead, never hand it out again.
+            await conn.invalidate()
+        raise
 
 
 def _on_pg(conn: Reader) -> bool:
