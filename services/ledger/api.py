@@ -73,7 +73,12 @@ def refusals(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     }
     # "4XX" also keeps FastAPI from documenting a 422 that RefuseMalformed never answers.
     described["4XX"] = {"model": Problem, "description": "Any other refusal (e.g. 405), in the same shape"}
+    described[503] = {"model": Problem, "description": UNAVAILABLE, "headers": _RETRY_AFTER}
     return described
+
+
+UNAVAILABLE = "The ledger's database is unavailable (down, or every read connection busy): retry later"
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
 MALFORMED = "A malformed parameter (type, bound, pattern or combination); `detail` names it"
