@@ -125,7 +125,7 @@ def raw_queries() -> dict[str, tuple[str, tuple[Any, ...], str]]:
     """The statements the log routes send PostgreSQL as they are (services.ledger.log.PG_*)."""
     leaf = hashlib.sha256((12_345).to_bytes(8, "big", signed=True)).digest()
     return {
-        "proof nodes (unnest join)": (PG_NODES, ([0, 1, 0], [12_345, 777, 99_999]), "log_nodes_pkey"),
+        "proof nodes (unnest join)": (PG_NODES, ("{0,1,0}", "{12345,777,99999}"), "log_nodes_pkey"),
         "entries page with the size": (PG_ENTRIES, (50_000, 51_000), "log_entries_pkey"),
         "size and leaf-hash lookup": (PG_LEAF, (leaf, ROWS), "ix_log_entries_leaf_hash_index"),
     }

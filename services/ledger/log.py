@@ -449,7 +449,12 @@ async def size_and_nodes(conn: Reader, coords: Sequence[tuple[int, int]]) -> tup
     if not coords:
         return await current_size(conn), {}
     if _on_pg(conn):
-        rows = await _pg(conn, PG_NODES, ([lvl for lvl, _ in coords], [i for _, i in coords]))  # type: ignore[arg-type]
+        # As array literals (text), not lists: psycopg's list dumper cost ~0.1 ms of CPU per proof.
+        levels, idxs = (
+            "{" + ",".join(str(lvl) for lvl, _ in coords) + "}",
+            "{" + ",".join(str(i) for _, i in coords) + "}",
+        )
+        rows = await _pg(conn, PG_NODES, (levels, idxs))  # type: ignore[arg-type]
     else:
         query = select(head_size(), LogNode.level, LogNode.idx, LogNode.hash).where(
             tuple_(col(LogNode.level), col(LogNode.idx)).in_(sorted(set(coords)))
