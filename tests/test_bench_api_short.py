@@ -23,10 +23,16 @@ def test_bench_api_runs_clean_on_a_small_ledger(
     assert set(measured) == set(bench_api.endpoints(_loaded()).keys())
     assert {name: r["errors"] for name, r in measured.items()} == dict.fromkeys(measured, 0)
     assert all(r["requests"] == 15 for r in measured.values())
+    # The same endpoints on a fixed schedule (open loop), latency from each request's due time.
+    scheduled = report["results"]["scheduled"]
+    assert set(scheduled) == set(measured)
+    assert {name: (r["errors"], r["requests"]) for name, r in scheduled.items()} == dict.fromkeys(scheduled, (0, 15))
+    assert set(report["results"]["sequential"]) == set(report["results"]["sequential_stdlib"])
     assert set(report["results"]["sequential"]) == {"/healthz", *bench_api.PROOFS}
     assert json.loads((out / "api.json").read_text())["log_entries"] == 2000
     table = (out / "api.md").read_text()
     assert "p99 / healthz p99" in table and "inclusion proof (hash)" in table
+    assert "fixed schedule, 100 requests/s in total" in table and "judged on the fixed schedule" in table
 
 
 def _loaded() -> bench_api.Loaded:
