@@ -37,3 +37,33 @@ def test_bench_api_runs_clean_on_a_small_ledger(
 
 def _loaded() -> bench_api.Loaded:
     return bench_api.Loaded(10, [b"x" * 32], ["B"], ["P"], 0.0)
+
+
+async def test_the_fixed_schedule_counts_a_stall_against_every_request_due_during_it() -> None:
+    """Latency from each request's due time: one 300 ms stall at 100 req/s delays the ~30 requests
+    due meanwhile, where timing from the send would show one slow request (coordinated omission)."""
+    import asyncio
+    import random
+    import time
+
+    import httpx
+
+    sent = 0
+
+    async def server(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        sent += 1
+        if sent == 20:
+            await asyncio.sleep(0.3)
+        return httpx.Response(200)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://x") as client:
+
+        def path(_: random.Random) -> str:
+            return "/"
+
+        latencies, errors, _, _ = await bench_api._measure_scheduled(
+            client, path, total=100, warmup=0, rate=100.0, clients=1, mine=[0], start_wall=time.time()
+        )
+    assert errors == 0 and len(latencies) == 100
+    assert sum(latency > 0.1 for latency in latencies) >= 15
