@@ -474,11 +474,12 @@ def read_record(
     trace: dict[str, str] = {}
     content_type: str | None = None
     for raw_name, raw in items:
-        name = _name(raw_name)
-        if printable(name) != name:
+        # The usual case first (a str name, bytes value, both ASCII): no copy, no escaping.
+        name = raw_name if type(raw_name) is str else _name(raw_name)
+        if not name.isascii() and printable(name) != name:
             raise UnreadableRecord(f"header name '{printable(name)}' is not UTF-8")
         try:
-            text = bytes(raw or b"").decode("utf-8")
+            text = raw.decode() if type(raw) is bytes else bytes(raw or b"").decode("utf-8")
         except UnicodeDecodeError as exc:
             raise UnreadableRecord(f"header '{printable(name)}' is not UTF-8") from exc
         lname = name.lower()
