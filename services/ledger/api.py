@@ -8,6 +8,7 @@ A malformed parameter is 400 with one readable line, the shape of every other re
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic_core import to_json
+from sqlalchemy import bindparam
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -40,7 +42,7 @@ from services.ledger.batches import (
 )
 from services.ledger.exports import epcis_document, ocds_package
 from services.ledger.log import LogEntry
-from services.ledger.projections import batch_count, batch_money, pledge_query, program_summary
+from services.ledger.projections import PLEDGE_BY_ID, batch_count, batch_money, program_summary
 from services.ledger.responses import (
     AnomalyList,
     BatchDetail,
@@ -213,7 +215,7 @@ async def get_program(
 async def get_pledge(
     pledge_id: Annotated[str, id_param(Path, "The pledge id")], conn: Conn, principal: CurrentPrincipal
 ) -> dict[str, Any]:
-    view = (await conn.execute(pledge_query(pledge_id))).first()
+    view = (await conn.execute(PLEDGE_BY_ID, {"pledge_id": pledge_id})).first()
     if view is None:
         raise HTTPException(404, f"no pledge {pledge_id!r}")
     if not principal.can_read_party(view.partner_id):
@@ -333,15 +335,19 @@ async def get_batch_epcis(batch_id: BatchId, session: Session, principal: Curren
 _ANOMALIES = AnomalyView.__table__.c  # type: ignore[attr-defined]
 
 
-def anomalies_query(batch_id: str | None = None, code: str | None = None, party_id: str | None = None) -> Any:
+@functools.cache
+def _anomalies_statement(given: frozenset[str], paged: bool = False) -> Any:
     query = select(AnomalyView.__table__).order_by(_ANOMALIES.leaf_index)  # type: ignore[call-overload]
-    if batch_id:
-        query = query.where(_ANOMALIES.batch_id == batch_id)
-    if code:
-        query = query.where(_ANOMALIES.code == code)
-    if party_id:
-        query = query.where(_ANOMALIES.party_id == party_id)
-    return query
+    for name in ("batch_id", "code", "party_id"):
+        if name in given:
+            query = query.where(_ANOMALIES[name] == bindparam(name))
+    return query.limit(bindparam("limit")).offset(bindparam("offset")) if paged else query
+
+
+def anomalies_query(batch_id: str | None = None, code: str | None = None, party_id: str | None = None) -> Any:
+    """The anomalies page's statement with its values (for the plan test); built once per shape."""
+    values = {k: v for k, v in {"batch_id": batch_id, "code": code, "party_id": party_id}.items() if v}
+    return _anomalies_statement(frozenset(values)).params(**values)
 
 
 @router.get(
@@ -358,8 +364,9 @@ async def get_anomalies(
     offset: Offset = 0,
 ) -> Response:
     party = principal.party_id if principal.role == "partner" else None
-    query = anomalies_query(batch_id, code, party)
-    rows = (await conn.execute(query.limit(limit).offset(offset))).all()
+    values: dict[str, Any] = {k: v for k, v in {"batch_id": batch_id, "code": code, "party_id": party}.items() if v}
+    statement = _anomalies_statement(frozenset(values), paged=True)
+    rows = (await conn.execute(statement, {**values, "limit": limit, "offset": offset})).all()
     page = {
         "items": [
             {

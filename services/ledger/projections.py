@@ -5,6 +5,7 @@ They are derived data: every number here can be recomputed from the log's entrie
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Column, Select, Text, func, insert, select, text, tuple_
+from sqlalchemy import Column, Select, Text, bindparam, func, insert, literal, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -258,18 +259,31 @@ PLEDGES = PledgeView.__table__.c  # type: ignore[attr-defined]
 Reader = AsyncConnection | AsyncSession
 
 
-def totals_query(scopes: Sequence[str], program_id: str | None = None) -> Select[Any]:
-    query = select(RunningTotal.__table__).where(TOTALS.scope.in_(list(scopes)))  # type: ignore[call-overload]
-    if program_id is not None:
-        query = query.where(TOTALS.program_id == program_id)
+# The read statements are built once, their values bound at execution: building a select per request
+# cost ~0.1-0.2 ms of CPU each (SQLAlchemy caches the compiled SQL, not the construct). The *_query
+# builders give the same statement with values, for the plan test.
+@functools.cache
+def _totals_statement(scopes: tuple[str, ...], by_program: bool, by_metric: bool = False) -> Select[Any]:
+    # One bound value per scope (not an expanding IN): the set is fixed per statement.
+    query = select(RunningTotal.__table__).where(TOTALS.scope.in_([literal(s) for s in scopes]))  # type: ignore[call-overload]
+    if by_program:
+        query = query.where(TOTALS.program_id == bindparam("program_id"))
+    if by_metric:
+        query = query.where(TOTALS.metric == bindparam("metric"))
     return query
+
+
+def totals_query(scopes: Sequence[str], program_id: str | None = None) -> Select[Any]:
+    statement = _totals_statement(tuple(scopes), program_id is not None)
+    return statement.params(program_id=program_id) if program_id is not None else statement
 
 
 async def program_summary(session: Reader, target_gpus: int, program_id: str | None = None) -> dict[str, Any]:
     """Pledged capital, in-kind GPUs, capacity and disbursements, overall and by partner; batches by
     stage, GPUs through the pipeline and anomalies by code. From the running totals: a few dozen
     indexed rows, whatever the size of the programme."""
-    rows = (await session.execute(totals_query(("pledges", "batches", "gpus", "anomalies"), program_id))).all()
+    statement = _totals_statement(("pledges", "batches", "gpus", "anomalies"), program_id is not None)
+    rows = (await session.execute(statement, {"program_id": program_id})).all()
     overall = _Totals()
     by_partner: dict[str, _Totals] = defaultdict(_Totals)
     stages: dict[str, int] = defaultdict(int)
@@ -307,10 +321,9 @@ async def program_summary(session: Reader, target_gpus: int, program_id: str | N
 
 async def batch_count(session: Reader, program_id: str | None, status: str | None) -> int:
     """How many batches, from the running totals (the count GET /v1/batches reports)."""
-    query = totals_query(("batches",), program_id)
-    if status is not None:
-        query = query.where(TOTALS.metric == status)
-    return sum(int(Decimal(r.value)) for r in (await session.execute(query)).all())
+    statement = _totals_statement(("batches",), program_id is not None, status is not None)
+    rows = (await session.execute(statement, {"program_id": program_id, "metric": status})).all()
+    return sum(int(Decimal(r.value)) for r in rows)
 
 
 class _Totals:
@@ -342,17 +355,23 @@ class _Totals:
         }
 
 
+EARMARKED = select(PLEDGES.state).where(PLEDGES.earmark_batch_id == bindparam("batch_id"))
+PLEDGE_BY_ID = select(PLEDGES.partner_id, PLEDGES.state, PLEDGES.leaf_index).where(
+    PLEDGES.pledge_id == bindparam("pledge_id")
+)
+
+
 def earmarked_query(batch_id: str) -> Select[Any]:
-    return select(PLEDGES.state).where(PLEDGES.earmark_batch_id == batch_id)
+    return EARMARKED.params(batch_id=batch_id)
 
 
 def pledge_query(pledge_id: str) -> Select[Any]:
-    return select(PLEDGES.partner_id, PLEDGES.state, PLEDGES.leaf_index).where(PLEDGES.pledge_id == pledge_id)
+    return PLEDGE_BY_ID.params(pledge_id=pledge_id)
 
 
 async def batch_money(session: Reader, batch_id: str, state: dict[str, Any]) -> dict[str, Any]:
     """Pledged (earmarked for this batch), disbursed of those, and awarded."""
-    rows = (await session.execute(earmarked_query(batch_id))).all()
+    rows = (await session.execute(EARMARKED, {"batch_id": batch_id})).all()
     earmarked: dict[str, Any] = {}
     disbursed: dict[str, Any] = {}
     pledges = []
