@@ -2,7 +2,9 @@
 essential work per event on the same Kafka and PostgreSQL, with nothing else (no ORM, no
 framework, no rules beyond the essentials).
 
-Two roles, each one process (as gputrace's pledges service and ledger are):
+Two roles, each one process (as gputrace's pledges service and ledger are). Signatures go through
+the same Ed25519 functions as gputrace's (shared.contract.ed25519, libsodium): the comparison is of
+everything else.
 
 - `decide`: per polled batch, for each partner event: parse (headers + JSON), RFC 8785, Ed25519
   verify; then ONE transaction: dedupe (processed keys), state upsert, processed rows, outbox rows
@@ -31,9 +33,9 @@ from typing import Any
 import psycopg
 import rfc8785
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from shared.contract import ed25519
 from shared.contract.parties import PartyRegistry
 
 SCHEMA = """
@@ -70,10 +72,10 @@ def _verified(structured: dict[str, Any], signature: str | None, key: Any) -> bo
     if signature is None:
         return False
     try:
-        key.verify(base64.b64decode(signature), rfc8785.dumps(structured))
-    except (InvalidSignature, ValueError):
+        raw = base64.b64decode(signature)
+    except ValueError:
         return False
-    return True
+    return ed25519.verify(key, raw, rfc8785.dumps(structured))
 
 
 async def _seen(cur: psycopg.AsyncCursor[Any], role: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -140,7 +142,7 @@ async def decide(args: argparse.Namespace) -> None:
                     d_attrs["subject"] = str(data.get("pledge_id"))
                     headers = [(f"ce_{n}", v.encode()) for n, v in d_attrs.items()]
                     if key is not None:
-                        sig = key.sign(rfc8785.dumps({**d_attrs, "data": decision}))
+                        sig = ed25519.sign(key, rfc8785.dumps({**d_attrs, "data": decision}))
                         headers.append(("ce_signature", base64.b64encode(sig).decode().encode()))
                     outcome = {"event_id": attrs["id"], "status": status, "decision_id": decision_id}
                     o_headers = [("ce_id", decision_id.encode()), ("ce_type", b"outcome")]
@@ -194,8 +196,10 @@ async def append(args: argparse.Namespace) -> None:
                 canonical = rfc8785.dumps({**attrs, "data": data})
                 if public is not None:
                     try:
-                        public.verify(base64.b64decode(signature or ""), canonical)
-                    except (InvalidSignature, ValueError):
+                        raw = base64.b64decode(signature or "")
+                    except ValueError:
+                        continue
+                    if not ed25519.verify(public, raw, canonical):
                         continue
                 leaf = hashlib.sha256(b"\0" + canonical).digest()
                 entries.append((attrs, data, canonical, leaf))
